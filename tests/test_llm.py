@@ -1,0 +1,150 @@
+import torch
+
+from recbole_mm.model.layers.llm import (
+    ITEM_PLACEHOLDER,
+    LLMBackbone,
+    backbone_from_config,
+    build_prompt_ids,
+    build_small_llama,
+    build_word_level_tokenizer,
+    last_real_positions,
+    splice_item_embeddings,
+)
+
+TEXTS = ["Given the items a user bought, predict the next item.", "Answer: yes no"]
+
+
+def tiny_backbone(tuning, seed=0):
+    torch.manual_seed(seed)
+    tokenizer = build_word_level_tokenizer(TEXTS)
+    model = build_small_llama(len(tokenizer), hidden_size=16, num_layers=2, num_heads=2, max_positions=64)
+    return LLMBackbone(model, tokenizer, tuning=tuning, lora_rank=2, lora_alpha=4, lora_dropout=0.0,
+                       target_modules=["gate_proj", "up_proj", "down_proj"])
+
+
+def random_prompt(backbone, n_items, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    prefix = backbone.encode("given the items a user bought ,")
+    suffix = backbone.encode("predict the next item :")
+    input_ids, mask = build_prompt_ids(prefix, n_items, suffix, backbone.placeholder_id, backbone.tokenizer.pad_token_id)
+    items = torch.randn(len(n_items), max(n_items), backbone.hidden_size, generator=generator)
+    item_mask = torch.arange(max(n_items))[None, :] < torch.tensor(n_items)[:, None]
+    return input_ids, mask, items, item_mask
+
+
+def test_tokenizer_keeps_placeholder_whole_and_maps_unknown_words():
+    tokenizer = build_word_level_tokenizer(TEXTS, extra_special_tokens=["<A>"])
+    ids = tokenizer("predict [item] <A> zebra", add_special_tokens=False)["input_ids"]
+    assert tokenizer.convert_ids_to_tokens(ids) == ["predict", ITEM_PLACEHOLDER, "<A>", "<unk>"]
+    assert build_word_level_tokenizer(TEXTS).get_vocab() == build_word_level_tokenizer(list(reversed(TEXTS))).get_vocab()
+
+
+def test_splice_matches_manual_loop():
+    torch.manual_seed(1)
+    batch, length, hidden, placeholder = 3, 9, 5, 7
+    input_ids = torch.randint(0, 7, (batch, length))
+    counts = [2, 0, 4]
+    for b, count in enumerate(counts):
+        input_ids[b, torch.randperm(length)[:count]] = placeholder
+    item_mask = torch.arange(4)[None, :] < torch.tensor(counts)[:, None]
+    items = torch.randn(batch, 4, hidden)
+    tokens = torch.randn(batch, length, hidden)
+
+    expected = tokens.clone()
+    for b in range(batch):
+        next_item = 0
+        for t in range(length):
+            if input_ids[b, t] == placeholder:
+                expected[b, t] = items[b, next_item]
+                next_item += 1
+
+    assert torch.equal(splice_item_embeddings(tokens, input_ids, placeholder, items, item_mask), expected)
+
+
+def test_splice_rejects_count_mismatch():
+    input_ids = torch.tensor([[5, 5, 1]])
+    try:
+        splice_item_embeddings(torch.zeros(1, 3, 2), input_ids, 5, torch.zeros(1, 3, 2))
+    except ValueError as error:
+        assert "placeholder" in str(error)
+    else:
+        raise AssertionError("a count mismatch must raise")
+
+
+def test_last_real_positions_left_and_right_padding():
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1], [1, 0, 0, 0, 0]])
+    expected = [max(t for t in range(5) if mask[b, t]) for b in range(3)]
+    assert last_real_positions(mask).tolist() == expected
+
+
+def test_last_hidden_state_ignores_padding_and_matches_hf_logits():
+    backbone = tiny_backbone("full").eval()
+    input_ids, mask, items, item_mask = random_prompt(backbone, [3, 1, 2])
+    with torch.no_grad():
+        embeds = backbone.build_inputs_embeds(input_ids, items, item_mask)
+        batched = backbone.last_hidden_state(embeds, mask)
+        logits = backbone.next_token_logits(embeds, mask)
+        for b in range(3):
+            length = int(mask[b].sum())
+            alone = backbone.last_hidden_state(embeds[b : b + 1, :length], mask[b : b + 1, :length])
+            torch.testing.assert_close(batched[b], alone[0], rtol=1e-5, atol=1e-5)
+            hf_logits = backbone.model(inputs_embeds=embeds[b : b + 1, :length]).logits[0, -1]
+            torch.testing.assert_close(logits[b], hf_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_trains_only_adapters_and_leaves_base_weights_untouched():
+    backbone = tiny_backbone("lora")
+    base_before = {n: p.detach().clone() for n, p in backbone.model.named_parameters() if "lora_" not in n}
+    lora_before = {n: p.detach().clone() for n, p in backbone.model.named_parameters() if "lora_" in n}
+    assert lora_before and all(not p.requires_grad for n, p in backbone.model.named_parameters() if "lora_" not in n)
+
+    input_ids, mask, items, item_mask = random_prompt(backbone, [2, 3])
+    optimizer = torch.optim.SGD([p for p in backbone.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(3):
+        optimizer.zero_grad()
+        state = backbone.last_hidden_state(backbone.build_inputs_embeds(input_ids, items, item_mask), mask)
+        state.pow(2).sum().backward()
+        optimizer.step()
+
+    named = dict(backbone.model.named_parameters())
+    for name, before in base_before.items():
+        assert named[name].grad is None, name
+        assert torch.equal(named[name], before), name
+    changed = [n for n, before in lora_before.items() if not torch.equal(named[n], before)]
+    assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in changed} == {"gate_proj", "up_proj", "down_proj"}
+
+
+def test_full_and_frozen_tuning_flags():
+    assert all(p.requires_grad for p in tiny_backbone("full").parameters())
+    assert not any(p.requires_grad for p in tiny_backbone("frozen").parameters())
+
+
+def test_gradients_reach_spliced_item_vectors():
+    backbone = tiny_backbone("frozen")
+    input_ids, mask, items, item_mask = random_prompt(backbone, [2, 1])
+    items.requires_grad_(True)
+    backbone.last_hidden_state(backbone.build_inputs_embeds(input_ids, items, item_mask), mask).sum().backward()
+    grad_norm = items.grad.norm(dim=-1)
+    assert (grad_norm[item_mask] > 0).all() and (grad_norm[~item_mask] == 0).all()
+
+
+def test_local_checkpoint_round_trip(tmp_path):
+    source = tiny_backbone("frozen")
+    source.model.save_pretrained(tmp_path)
+    source.tokenizer.save_pretrained(tmp_path)
+    loaded = backbone_from_config({"llm_path": str(tmp_path), "llm_tuning": "lora", "lora_rank": 2})
+    assert loaded.placeholder_id == source.placeholder_id
+    trainable, total = loaded.trainable_parameter_count()
+    assert 0 < trainable < total
+    input_ids, mask, items, item_mask = random_prompt(source, [2, 3])
+    with torch.no_grad():
+        expected = source.last_hidden_state(source.build_inputs_embeds(input_ids, items, item_mask), mask)
+        got = loaded.last_hidden_state(loaded.build_inputs_embeds(input_ids, items, item_mask), mask)
+    # LoRA's B matrices start at zero, so the adapted model equals the checkpoint.
+    torch.testing.assert_close(got, expected)
+
+
+def test_default_backbone_from_config_is_full_tuned_small_llama():
+    backbone = backbone_from_config({"llm_hidden_size": 16, "llm_num_layers": 1, "llm_num_heads": 2}, TEXTS)
+    assert backbone.tuning == "full" and backbone.hidden_size == 16
+    assert backbone.tokenizer.convert_tokens_to_ids("bought") != backbone.tokenizer.unk_token_id
