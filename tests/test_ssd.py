@@ -1,0 +1,181 @@
+"""The SSD core: every implementation equals the naive recurrence; causality; companion layers."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from recbole_mm.model.layers import ssd as ssd_mod
+from recbole_mm.model.layers.ssd import (
+    GatedRMSNorm,
+    causal_depthwise_conv1d,
+    discretization_step,
+    ssd,
+    ssd_chunked,
+    ssd_naive,
+    ssd_quadratic,
+)
+
+
+def random_inputs(length, batch=2, heads=4, head_dim=3, groups=2, d_state=5, seed=0, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, length, heads, head_dim, generator=gen, dtype=torch.float64)
+    delta = discretization_step(torch.randn(batch, length, heads, generator=gen, dtype=torch.float64) - 1.0)
+    A = -torch.empty(heads, dtype=torch.float64).uniform_(1, 16, generator=gen)
+    B = torch.randn(batch, length, groups, d_state, generator=gen, dtype=torch.float64)
+    C = torch.randn(batch, length, groups, d_state, generator=gen, dtype=torch.float64)
+    D = torch.randn(heads, generator=gen, dtype=torch.float64)
+    return [t.to(device) for t in (x, delta, A, B, C, D)]
+
+
+def textbook_recurrence(x, delta, A, B, C, D):
+    """Scalar loops straight from the definition (independent of ssd_naive's tensor code)."""
+    batch, length, heads, head_dim = x.shape
+    groups, d_state = B.shape[2], B.shape[3]
+    y = torch.zeros_like(x)
+    for b in range(batch):
+        for h in range(heads):
+            g = h // (heads // groups)
+            state = torch.zeros(head_dim, d_state, dtype=x.dtype)
+            for t in range(length):
+                state = torch.exp(delta[b, t, h] * A[h]) * state + delta[b, t, h] * torch.outer(x[b, t, h], B[b, t, g])
+                y[b, t, h] = state @ C[b, t, g]
+                if D is not None:
+                    y[b, t, h] += D[h] * delta[b, t, h] * x[b, t, h]
+    return y
+
+
+@pytest.mark.parametrize("use_D", [False, True])
+def test_naive_matches_textbook_loops(use_D):
+    x, delta, A, B, C, D = random_inputs(7)
+    D = D if use_D else None
+    torch.testing.assert_close(ssd_naive(x, delta, A, B, C, D).double(), textbook_recurrence(x, delta, A, B, C, D),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("length", [1, 5, 8, 13, 20, 37, 64])
+@pytest.mark.parametrize("use_D", [False, True])
+@pytest.mark.parametrize("impl", ["quadratic", "chunked"])
+def test_fast_paths_equal_naive(length, use_D, impl):
+    x, delta, A, B, C, D = random_inputs(length, seed=length)
+    D = D if use_D else None
+    expected = ssd_naive(x, delta, A, B, C, D)
+    if impl == "quadratic":
+        got = ssd_quadratic(x, delta, A, B, C, D)
+    else:
+        got = ssd_chunked(x, delta, A, B, C, D, chunk_size=8)  # 8: lengths above hit 0, 1, 2+ partial chunks
+    assert got.shape == x.shape
+    torch.testing.assert_close(got.double(), expected.double(), rtol=1e-5, atol=1e-5)
+
+
+def test_dispatcher_paths_equal_naive_in_float32():
+    x, delta, A, B, C, D = (t.float() for t in random_inputs(29, heads=8, groups=8, seed=3))
+    expected = ssd_naive(x, delta, A, B, C, D)
+    for impl in ("auto", "torch_quadratic", "torch_chunked"):
+        got = ssd(x, delta, A, B, C, D, chunk_size=8, impl=impl)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_chunked_equals_quadratic_at_length_200():
+    x, delta, A, B, C, D = random_inputs(200, heads=8, head_dim=4, groups=4, d_state=8, seed=200)
+    quadratic = ssd_quadratic(x, delta, A, B, C, D)
+    for chunk_size in (1, 32, 64, 200, 256):
+        torch.testing.assert_close(ssd_chunked(x, delta, A, B, C, D, chunk_size=chunk_size), quadratic,
+                                   rtol=1e-6, atol=1e-6)
+
+
+def test_gradients_agree_between_paths():
+    inputs = random_inputs(19, seed=19)
+    grads = []
+    for fn in (ssd_naive, ssd_quadratic, lambda *a: ssd_chunked(*a, chunk_size=4)):
+        leaves = [t.clone().requires_grad_(True) for t in inputs]
+        fn(*leaves).pow(2).sum().backward()
+        grads.append([t.grad for t in leaves])
+    for other in grads[1:]:
+        for g_ref, g in zip(grads[0], other):
+            torch.testing.assert_close(g, g_ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["naive", "torch_quadratic", "torch_chunked"])
+def test_outputs_are_causal(impl):
+    length, cut = 23, 11
+    x, delta, A, B, C, D = random_inputs(length, seed=5)
+    run = (lambda *a: ssd_naive(*a)) if impl == "naive" else (lambda *a: ssd(*a, chunk_size=4, impl=impl))
+    before = run(x, delta, A, B, C, D)
+    x2, delta2, B2, C2 = x.clone(), delta.clone(), B.clone(), C.clone()
+    x2[:, cut + 1:] = torch.randn_like(x2[:, cut + 1:])
+    delta2[:, cut + 1:] = delta2[:, cut + 1:] * 3 + 0.5
+    B2[:, cut + 1:] = -B2[:, cut + 1:]
+    C2[:, cut + 1:] = 2 * C2[:, cut + 1:]
+    after = run(x2, delta2, A, B2, C2, D)
+    torch.testing.assert_close(after[:, :cut + 1], before[:, :cut + 1], rtol=0, atol=1e-12)
+    assert not torch.allclose(after[:, cut + 1:], before[:, cut + 1:])
+
+
+def test_bad_arguments_raise_clear_errors():
+    x, delta, A, B, C, D = random_inputs(6)
+    with pytest.raises(ValueError, match="ssd_impl must be one of"):
+        ssd(x, delta, A, B, C, D, impl="triton")
+    with pytest.raises(ValueError, match="delta must be"):
+        ssd_quadratic(x, delta[:, :-1], A, B, C, D)
+    with pytest.raises(ValueError, match="divisible by groups"):
+        ssd_quadratic(x, delta, A, B[:, :, :1].expand(-1, -1, 3, -1), C[:, :, :1].expand(-1, -1, 3, -1), D)
+
+
+def test_mamba_kernel_request_on_cpu_raises():
+    x, delta, A, B, C, D = random_inputs(6)
+    with pytest.raises(RuntimeError, match="mamba-ssm"):
+        ssd(x, delta, A, B, C, D, impl="mamba_ssm")
+
+
+def test_causal_conv_matches_direct_sum():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 9, generator=gen, dtype=torch.float64)
+    weight = torch.randn(3, 4, generator=gen, dtype=torch.float64)
+    bias = torch.randn(3, generator=gen, dtype=torch.float64)
+    expected = torch.zeros_like(x)
+    for t in range(9):
+        for j in range(4):
+            source = t - 3 + j
+            if source >= 0:
+                expected[:, :, t] += weight[:, j] * x[:, :, source]
+    expected = F.silu(expected + bias[:, None])
+    torch.testing.assert_close(causal_depthwise_conv1d(x, weight, bias, "silu", impl="torch"), expected)
+
+
+def test_gated_rmsnorm_matches_formula():
+    gen = torch.Generator().manual_seed(2)
+    y, z = torch.randn(2, 5, 6, generator=gen), torch.randn(2, 5, 6, generator=gen)
+    norm = GatedRMSNorm(6, eps=1e-12)
+    with torch.no_grad():
+        norm.weight.copy_(torch.arange(1.0, 7.0))
+    gated = y * z * torch.sigmoid(z)
+    expected = gated / gated.pow(2).mean(-1, keepdim=True).sqrt() * torch.arange(1.0, 7.0)
+    torch.testing.assert_close(norm(y, z), expected, rtol=1e-5, atol=1e-6)
+
+
+requires_kernels = pytest.mark.skipif(
+    not (torch.cuda.is_available() and ssd_mod.mamba_chunk_scan_kernel() is not None),
+    reason="needs CUDA and mamba-ssm",
+)
+
+
+@requires_kernels
+@pytest.mark.parametrize("length", [20, 37, 200])
+@pytest.mark.parametrize("use_D", [False, True])
+def test_mamba_kernel_equals_torch_path(length, use_D):
+    x, delta, A, B, C, D = (t.float() for t in random_inputs(length, heads=8, head_dim=16, groups=8, d_state=16,
+                                                              seed=length, device="cuda"))
+    D = D if use_D else None
+    kernel = ssd(x, delta, A, B, C, D, chunk_size=32, impl="mamba_ssm")
+    reference = ssd(x, delta, A, B, C, D, chunk_size=32, impl="torch_chunked")
+    torch.testing.assert_close(kernel, reference, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and ssd_mod.causal_conv1d_kernel() is not None),
+                    reason="needs CUDA and causal-conv1d")
+def test_causal_conv1d_kernel_equals_torch_path():
+    x = torch.randn(2, 16, 20, device="cuda")
+    weight, bias = torch.randn(16, 4, device="cuda"), torch.randn(16, device="cuda")
+    torch.testing.assert_close(causal_depthwise_conv1d(x, weight, bias, "silu", impl="causal_conv1d"),
+                               causal_depthwise_conv1d(x, weight, bias, "silu", impl="torch"), rtol=1e-3, atol=1e-3)
