@@ -1,0 +1,114 @@
+"""LRU layer: parallel scan, step mode and the naive recurrence compute the same function."""
+
+import math
+
+import pytest
+import torch
+
+from recbole_mm.model.layers.lru import (
+    LRU,
+    linear_recurrence_parallel,
+    linear_recurrence_reference,
+)
+from recbole_mm.model.layers.matryoshka import nested_state_dict
+
+SIZES = [4, 8, 16]
+
+
+def random_decay(hidden, generator):
+    radius = 0.3 + 0.69 * torch.rand(hidden, generator=generator, dtype=torch.float64)
+    phase = 2 * math.pi * torch.rand(hidden, generator=generator, dtype=torch.float64)
+    return torch.polar(radius, phase)
+
+
+def random_complex(*shape, generator):
+    return torch.complex(
+        torch.randn(*shape, generator=generator, dtype=torch.float64),
+        torch.randn(*shape, generator=generator, dtype=torch.float64),
+    )
+
+
+@pytest.mark.parametrize("length", [1, 2, 3, 7, 8, 9, 50])
+def test_reference_recurrence_equals_closed_form(length):
+    g = torch.Generator().manual_seed(length)
+    decay, inputs = random_decay(6, g), random_complex(2, length, 6, generator=g)
+    # Paper eq. 9: h_t = sum_{i <= t} lambda^(t - i) u_i, with an explicit power per term.
+    expected = torch.stack(
+        [sum(decay ** (t - i) * inputs[:, i] for i in range(t + 1)) for t in range(length)], dim=1
+    )
+    torch.testing.assert_close(linear_recurrence_reference(decay, inputs), expected)
+
+
+@pytest.mark.parametrize("length", [1, 2, 3, 5, 8, 13, 50, 200])
+def test_parallel_scan_equals_naive_recurrence(length):
+    g = torch.Generator().manual_seed(length)
+    decay, inputs = random_decay(6, g), random_complex(3, length, 6, generator=g)
+    torch.testing.assert_close(
+        linear_recurrence_parallel(decay, inputs),
+        linear_recurrence_reference(decay, inputs),
+        rtol=1e-10,
+        atol=1e-10,
+    )
+
+
+def make_lru(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    return LRU(SIZES, **kwargs).double()
+
+
+def test_layer_parallel_mode_equals_reference_mode():
+    lru = make_lru()
+    x = torch.randn(3, 11, 16, dtype=torch.float64)
+    parallel = lru(x)
+    lru.scan = "reference"
+    torch.testing.assert_close(parallel, lru(x), rtol=1e-10, atol=1e-10)
+
+
+def test_step_mode_equals_parallel_scan_on_every_prefix():
+    lru = make_lru()
+    x = torch.randn(2, 12, 16, dtype=torch.float64)
+    full_output, full_states = lru(x, return_states=True)
+    state = None
+    for t in range(x.shape[1]):
+        y_t, state = lru.step(x[:, t], state)
+        prefix_output = lru(x[:, : t + 1])
+        torch.testing.assert_close(y_t, prefix_output[:, -1], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(y_t, full_output[:, t], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(state, full_states[:, t], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("n_pad", [1, 4, 29])
+def test_right_padding_never_changes_real_positions(n_pad):
+    lru = make_lru()
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    unpadded = lru(x)
+    for padding in (torch.zeros(2, n_pad, 16, dtype=torch.float64), 100 * torch.randn(2, n_pad, 16, dtype=torch.float64)):
+        padded = lru(torch.cat([x, padding], dim=1))
+        torch.testing.assert_close(padded[:, :5], unpadded, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("r_min,r_max", [(0.0, 0.1), (0.4, 0.5), (0.8, 0.99)])
+def test_ring_initialisation(r_min, r_max):
+    torch.manual_seed(0)
+    lru = LRU([256], r_min=r_min, r_max=r_max)
+    decay = lru.decay()
+    assert r_min - 1e-6 <= decay.abs().min() and decay.abs().max() <= r_max + 1e-6
+    # gamma normalisation: a unit-variance drive gives a unit-variance stationary state.
+    torch.testing.assert_close(torch.exp(lru.gamma_log), torch.sqrt(1 - decay.abs() ** 2))
+
+
+def test_bad_radius_is_rejected():
+    with pytest.raises(ValueError, match="lru_r_min"):
+        LRU(SIZES, r_min=0.5, r_max=0.4)
+    with pytest.raises(ValueError, match="lru_r_max"):
+        LRU(SIZES, r_min=0.5, r_max=1.0)
+
+
+@pytest.mark.parametrize("n_kept", [1, 2])
+def test_first_dims_equal_extracted_small_lru(n_kept):
+    full = make_lru()
+    small = LRU(SIZES[:n_kept]).double()
+    small.load_state_dict(nested_state_dict(small, full.state_dict()))
+    s = SIZES[n_kept - 1]
+    x = torch.randn(2, 9, 16, dtype=torch.float64)
+    torch.testing.assert_close(small(x[..., :s]), full(x)[..., :s], rtol=1e-12, atol=1e-12)
