@@ -1,0 +1,83 @@
+"""RecBole Config that also reads recbole-mm's ``properties/`` and finds recbole-mm models.
+
+Precedence, lowest first: RecBole's defaults < ``properties/overall.yaml`` <
+``properties/dataset/<Dataset>.yaml`` < ``properties/model/<Model>.yaml`` < ``--config_files`` <
+``config_dict`` < ``--key=value`` on the command line.
+"""
+import os
+from pathlib import Path
+
+from recbole.config import Config as RecBoleConfig
+
+from recbole_mm import compat  # noqa: F401  (warning filters before RecBole loads data)
+from recbole_mm.utils import RecboleMMError, get_model
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROPERTIES_DIR = PROJECT_ROOT / "properties"
+DATA_ENV_VAR = "RECBOLE_MM_DATA"
+
+
+def default_data_path():
+    """Where datasets live when nothing else says: ``$RECBOLE_MM_DATA``, else ``../shared/datasets``
+    beside the project (the layout of this project's development machines and CI)."""
+    return Path(os.environ.get(DATA_ENV_VAR, PROJECT_ROOT.parent / "shared" / "datasets"))
+
+
+class Config(RecBoleConfig):
+    """``cmd_args``: the ``--key=value`` strings of a command line. Unlike RecBole, ``sys.argv`` is
+    never read implicitly, so a library call (a test run by pytest, a notebook) cannot pick up
+    unrelated command-line flags as configuration."""
+
+    def __init__(self, model=None, dataset=None, config_file_list=None, config_dict=None, cmd_args=()):
+        self._cmd_args = list(cmd_args)
+        super().__init__(model, dataset, config_file_list, config_dict)
+
+    def _load_cmd_line(self):
+        cmd_config_dict = {}
+        for arg in self._cmd_args:
+            if not arg.startswith("--") or "=" not in arg:
+                raise RecboleMMError(f"Command-line argument {arg!r} is not of the form --key=value.")
+            key, value = arg[2:].split("=", 1)
+            if key in cmd_config_dict and cmd_config_dict[key] != value:
+                raise RecboleMMError(f"--{key} is given twice with different values.")
+            cmd_config_dict[key] = value
+        return self._convert_config_dict(cmd_config_dict)
+
+    def _get_model_and_dataset(self, model, dataset):
+        if isinstance(model, str) or model is None:
+            model = model or self.external_config_dict.get("model")
+            if model is None:
+                raise KeyError("model must be given: --model=<Name>, a config file or config_dict")
+            model = get_model(model)
+        return super()._get_model_and_dataset(model, dataset)
+
+    def _load_internal_config_dict(self, model, model_class, dataset):
+        super()._load_internal_config_dict(model, model_class, dataset)
+        for file in (
+            PROPERTIES_DIR / "overall.yaml",
+            PROPERTIES_DIR / "dataset" / f"{dataset}.yaml",
+            PROPERTIES_DIR / "model" / f"{model}.yaml",
+        ):
+            if file.is_file():
+                config_dict = self._update_internal_config_dict(str(file))
+                if file.parent.name == "dataset" and config_dict:
+                    self.parameters["Dataset"] += [
+                        key for key in config_dict if key not in self.parameters["Dataset"]
+                    ]
+
+    def _set_default_parameters(self):
+        self.final_config_dict["data_path"] = str(self._resolve_data_root())
+        super()._set_default_parameters()
+        self.final_config_dict.setdefault("modalities", [])
+        self.final_config_dict.setdefault("feature_tables", {})
+
+    def _resolve_data_root(self):
+        """User-given relative paths are relative to the working directory; the packaged yaml
+        files' relative paths are relative to the project root."""
+        if "data_path" in self.external_config_dict:
+            return Path(self.external_config_dict["data_path"])
+        data_path = self.final_config_dict.get("data_path")
+        if data_path in (None, "dataset/") or os.environ.get(DATA_ENV_VAR):
+            return default_data_path()
+        data_path = Path(data_path)
+        return data_path if data_path.is_absolute() else PROJECT_ROOT / data_path

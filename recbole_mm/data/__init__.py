@@ -1,0 +1,3 @@
+from recbole_mm.data.dataset import MultimodalSequentialDataset
+
+__all__ = ["MultimodalSequentialDataset"]

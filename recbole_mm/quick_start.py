@@ -1,0 +1,74 @@
+"""Train, early-stop and test one model on one dataset, the way RecBole's quick_start does.
+
+RecBole's own ``recbole.quick_start`` imports ray (broken on current stacks) and only finds
+RecBole's models; this one finds recbole-mm models first and saves safe checkpoints.
+"""
+from logging import getLogger
+from pathlib import Path
+
+from recbole.data import data_preparation
+from recbole.utils import get_environment, init_logger, init_seed, set_color
+
+from recbole_mm.config import Config
+from recbole_mm.utils import RecboleMMError, create_dataset, get_model, get_trainer
+
+
+def check_dataset_exists(config):
+    data_dir = Path(config["data_path"])
+    if data_dir.is_dir():
+        return
+    raise RecboleMMError(
+        f"Dataset '{config['dataset']}' not found: looked in {data_dir} (data_path + dataset name). "
+        "Point --data_path=<folder containing the dataset folder> or $RECBOLE_MM_DATA at it, or create it "
+        "with dataset_conversion/ (README, 'Datasets'). The Scientific benchmark lives in ../shared/datasets "
+        "on the project's machines."
+    )
+
+
+def build(model, dataset, config_file_list=None, config_dict=None, cmd_args=()):
+    """Config, data loaders, model and trainer, ready to fit."""
+    config = Config(model, dataset, config_file_list, config_dict, cmd_args)
+    check_dataset_exists(config)
+    init_seed(config["seed"], config["reproducibility"])
+    init_logger(config)
+    logger = getLogger()
+    logger.info(config)
+    dataset = create_dataset(config)
+    logger.info(dataset)
+    train_data, valid_data, test_data = data_preparation(config, dataset)
+    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+    model = get_model(config["model"])(config, train_data.dataset).to(config["device"])
+    logger.info(model)
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    return config, (train_data, valid_data, test_data), model, trainer
+
+
+def run(model, dataset, config_file_list=None, config_dict=None, saved=True, cmd_args=()):
+    """Train with early stopping on validation, test the best checkpoint; return the results.
+
+    ``cmd_args``: ``--key=value`` strings that override everything else (the CLI passes its own).
+    """
+    config, (train_data, valid_data, test_data), model, trainer = build(
+        model, dataset, config_file_list, config_dict, cmd_args
+    )
+    logger = getLogger()
+    if config["resume"]:
+        trainer.resume_checkpoint(config["resume"])
+    best_valid_score, best_valid_result = trainer.fit(
+        train_data, valid_data, saved=saved, show_progress=config["show_progress"]
+    )
+    test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
+    environment = get_environment(config)
+    logger.info("The running environment of this training is as follows:\n" + environment.draw())
+    logger.info(set_color("best valid ", "yellow") + f": {dict(best_valid_result or {})}")
+    logger.info(set_color("test result", "yellow") + f": {dict(test_result)}")
+    return {
+        "model": config["model"],
+        "dataset": config["dataset"],
+        "best_valid_score": best_valid_score,
+        "valid_score_bigger": config["valid_metric_bigger"],
+        "best_valid_result": dict(best_valid_result or {}),
+        "test_result": dict(test_result),
+        "checkpoint": trainer.saved_model_file if saved else None,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
