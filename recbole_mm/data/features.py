@@ -16,7 +16,7 @@ import torch
 from recbole_mm.utils import RecboleMMError
 
 # Rows gathered per step when copying from the memory map: bounds the transient extra memory.
-GATHER_CHUNK_ROWS = 16384
+GATHER_CHUNK_ROWS = 4096
 MAX_NAMED_TOKENS = 10
 
 
@@ -204,8 +204,8 @@ def load_feature_table(spec, item_tokens, item2index_path):
     source_rows = rows[present]
     for start in range(0, len(item_ids), GATHER_CHUNK_ROWS):
         ids_chunk = item_ids[start:start + GATHER_CHUNK_ROWS]
-        table[ids_chunk] = rows_file[source_rows[start:start + GATHER_CHUNK_ROWS]]
-        bad = ~np.isfinite(table[ids_chunk]).all(axis=1)
+        chunk = np.asarray(rows_file[source_rows[start:start + GATHER_CHUNK_ROWS]], dtype=np.float32)
+        bad = ~np.isfinite(chunk).all(axis=1)
         if bad.any():
             bad_tokens = [str(item_tokens[i]) for i in ids_chunk[bad][:MAX_NAMED_TOKENS]]
             raise RecboleMMError(
@@ -213,6 +213,7 @@ def load_feature_table(spec, item_tokens, item2index_path):
                 f"Re-encode those items, or mark them missing in a mask file (feature_tables."
                 f"{spec.name}.mask) with allow_missing: true."
             )
+        table[ids_chunk] = chunk
     mask = np.zeros(len(item_tokens), dtype=bool)
     mask[item_ids] = True
     return torch.from_numpy(table), torch.from_numpy(mask), how

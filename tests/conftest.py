@@ -1,0 +1,94 @@
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from recbole_mm.config import default_data_path
+
+REQUIRE_DATA_ENV = "RECBOLE_MM_REQUIRE_DATA"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def shared_dataset_dir(name):
+    """The shared dataset folder; a skip where absent, a failure under CI (RECBOLE_MM_REQUIRE_DATA=1)."""
+    path = default_data_path() / name
+    if not path.is_dir():
+        message = f"dataset {name} not found at {path} (set RECBOLE_MM_DATA)"
+        if os.environ.get(REQUIRE_DATA_ENV) == "1":
+            pytest.fail(message + f"; {REQUIRE_DATA_ENV}=1 makes this a failure")
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(scope="session")
+def scientific_dir():
+    return shared_dataset_dir("Scientific")
+
+
+@pytest.fixture
+def in_tmp_cwd(tmp_path, monkeypatch):
+    """Run in a temporary directory so saved/ and log/ land there."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def write_scientific_slice(scientific_dir, root, n_users=120, name="SciSlice"):
+    """A small benchmark-format copy of Scientific (first n_users users) under root/name.
+
+    Features stay the full 1585-row tables, so the UniSRec row mapping is exercised unchanged.
+    """
+    target = Path(root) / name
+    target.mkdir(parents=True)
+    for split in ("train", "valid", "test"):
+        lines = (scientific_dir / f"Scientific.{split}.inter").read_text().splitlines()
+        kept = [lines[0]] + [line for line in lines[1:] if int(line.split("\t")[0]) < n_users]
+        (target / f"{name}.{split}.inter").write_text("\n".join(kept) + "\n")
+    for suffix in ("feat1CLS", "feat3CLS", "item2index"):
+        shutil.copy(scientific_dir / f"Scientific.{suffix}", target / f"{name}.{suffix}")
+    return target
+
+
+def scientific_slice_config(data_root, name="SciSlice", **overrides):
+    """Config dict for a dataset written by write_scientific_slice, mirroring Scientific.yaml."""
+    config = {
+        "data_path": str(data_root),
+        "benchmark_filename": ["train", "valid", "test"],
+        "alias_of_item_id": ["item_id_list"],
+        "load_col": {"inter": ["user_id", "item_id_list", "item_id"]},
+        "TIME_FIELD": None,
+        "feature_tables": {
+            "text": {"path": f"{name}.feat1CLS", "dim": 512},
+            "image": {"path": f"{name}.feat3CLS", "dim": 512},
+        },
+        "show_progress": False,
+        "epochs": 1,
+        "hidden_size": 16,
+        "inner_size": 32,
+        "train_batch_size": 256,
+        "eval_batch_size": 256,
+    }
+    config.update(overrides)
+    return config
+
+
+def write_timestamped_dataset(root, name="TimeToy", n_users=40, n_items=30, dim=8, seed=0):
+    """A normal-mode dataset: one .inter with real-valued timestamps, ASIN-like tokens, .npy features."""
+    rng = np.random.default_rng(seed)
+    target = Path(root) / name
+    target.mkdir(parents=True)
+    tokens = [f"I{index:04d}" for index in range(n_items)]
+    lines = ["user_id:token\titem_id:token\ttimestamp:float"]
+    for user in range(n_users):
+        items = rng.choice(n_items, size=rng.integers(5, 9), replace=False)
+        times = np.sort(rng.integers(1_000_000, 2_000_000, size=len(items)))
+        lines += [f"U{user}\t{tokens[item]}\t{time}" for item, time in zip(items, times)]
+    (target / f"{name}.inter").write_text("\n".join(lines) + "\n")
+    # rows in a shuffled order, so the item2index mapping is really exercised
+    order = rng.permutation(n_items)
+    (target / f"{name}.item2index").write_text("".join(f"{tokens[i]}\t{row}\n" for row, i in enumerate(order)))
+    features = rng.standard_normal((n_items, dim)).astype(np.float32)
+    np.save(target / f"{name}.text.npy", features)
+    np.save(target / f"{name}.image.npy", features[:, ::-1].copy())
+    return target, tokens, order, features
