@@ -11,6 +11,7 @@ Output contract (read by recbole_mm.data's feature hook), for a dataset ``D`` in
 """
 import contextlib
 import hashlib
+import html
 import json
 import os
 import re
@@ -87,7 +88,7 @@ _HTML_TAG = re.compile(r"<[^>]{0,200}>")
 def clean_field(value):
     """One line of text safe for a tab-separated RecBole atomic file.
 
-    Tabs/newlines would break the row; a leading '"' would make pandas' csv reader (RecBole reads atomic
+    HTML tags (2018 descriptions) become spaces and entities are unescaped. Tabs/newlines would break the row; a leading '"' would make pandas' csv reader (RecBole reads atomic
     files with read_csv) start a quoted field and swallow following rows, so every '"' becomes "''".
     """
     if value is None:
@@ -95,7 +96,7 @@ def clean_field(value):
     if isinstance(value, (list, tuple)):
         value = " ".join(clean_field(v) for v in value)
     text = str(value)
-    text = _HTML_TAG.sub(" ", text)
+    text = html.unescape(_HTML_TAG.sub(" ", text))
     text = text.replace('"', "''")
     return _WHITESPACE.sub(" ", text).strip()
 
