@@ -319,6 +319,17 @@ class LLMBackbone(nn.Module):
         return trainable, total
 
 
+def backbone_hidden_size(config) -> int:
+    """Hidden size the backbone of ``backbone_from_config`` will have, without building it (reads
+    ``config.json`` of ``llm_path``), e.g. to size item vectors before the LLM stage."""
+    llm_path = _config_value(config, "llm_path", "")
+    if llm_path:
+        from transformers import AutoConfig
+
+        return int(AutoConfig.from_pretrained(llm_path, local_files_only=True).hidden_size)
+    return int(_config_value(config, "llm_hidden_size", 64))
+
+
 def backbone_from_config(config, vocab_texts: Iterable[str] = (), extra_special_tokens: Sequence[str] = ()):
     """Build the backbone from RecBole-style config.
 
