@@ -1,0 +1,211 @@
+"""FMRLRec sub-model tools: evaluate every nested size, extract standalone sub-models, count
+parameters against independently trained models (paper section 6.2-6.3, Fig. 3-4).
+
+    python -m recbole_mm.fmrlrec_tools evaluate --checkpoint saved/FMRLRec-X.pth [--split test] [--plot sizes.png]
+    python -m recbole_mm.fmrlrec_tools extract  --checkpoint saved/FMRLRec-X.pth --size 64 --output saved/FMRLRec-64.pth
+    python -m recbole_mm.fmrlrec_tools params   --checkpoint saved/FMRLRec-X.pth
+
+Any further ``--key=value`` overrides the checkpoint's config (e.g. ``--data_path=...``); RecBole's
+Config reads them from the command line, as in ``run_recbole_mm.py``.
+An extracted checkpoint is an ordinary FMRLRec checkpoint (hidden_size = size) written by the
+trainer's own checkpoint code: ``evaluate`` runs it like any other, and a training run can start
+from it with ``--resume`` (its config must then name the same hidden_size and mrl_sizes).
+"""
+
+import argparse
+import sys
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from recbole.data import data_preparation
+from recbole.evaluator import Collector, Evaluator
+from recbole.utils import init_logger, init_seed
+
+from recbole_mm.compat import load_checkpoint, plain_config
+from recbole_mm.config import Config
+from recbole_mm.model.fmrlrec import FMRLRec, extract_submodel, resolve_mrl_sizes, submodel_config
+from recbole_mm.utils import RecboleMMError, create_dataset, get_trainer
+
+# Keys RecBole derives from others while building a Config; passing them back in would fight it.
+DERIVED_CONFIG_KEYS = {
+    "device", "MODEL_TYPE", "MODEL_INPUT_TYPE", "eval_type", "single_spec", "local_rank",
+    "train_neg_sample_args", "valid_neg_sample_args", "test_neg_sample_args",
+}
+
+
+# ----- evaluation of every size ---------------------------------------------------------------
+@torch.no_grad()
+def evaluate_sizes(model: FMRLRec, eval_data, config) -> List[Dict[str, float]]:
+    """RecBole full-sort metrics of every nested size, from one encoding pass over ``eval_data``.
+    Same masking as RecBole's trainer (padding item and the user's history excluded)."""
+    model.eval()
+    collectors = [Collector(config) for _ in model.mrl_sizes]
+    for interaction, history_index, positive_u, positive_i in eval_data:
+        interaction = interaction.to(model.device)
+        scores = model.full_sort_predict_per_size(interaction)  # (n_sizes, B, n_items)
+        scores[:, :, 0] = -torch.inf
+        if history_index is not None:
+            scores[:, history_index[0], history_index[1]] = -torch.inf
+        for collector, size_scores in zip(collectors, scores):
+            collector.eval_batch_collect(size_scores, interaction, positive_u, positive_i)
+    evaluator = Evaluator(config)
+    return [dict(evaluator.evaluate(collector.get_data_struct())) for collector in collectors]
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def size_table(model: FMRLRec, config, dataset, results: Sequence[Dict[str, float]]) -> str:
+    """Markdown table: size, parameters of the extracted size-s model, every metric."""
+    metric_names = list(results[0])
+    lines = [
+        "| size | params (extracted) | " + " | ".join(metric_names) + " |",
+        "|---:|---:|" + "---:|" * len(metric_names),
+    ]
+    for size, result in zip(model.mrl_sizes, results):
+        params = count_parameters(FMRLRec(submodel_config(config, size), dataset))
+        lines.append(f"| {size} | {params:,} | " + " | ".join(f"{result[m]:.4f}" for m in metric_names) + " |")
+    return "\n".join(lines)
+
+
+def plot_sizes(sizes: Sequence[int], results: Sequence[Dict[str, float]], path: str, title: str) -> None:
+    """Metric vs nested size (paper Fig. 3), one line per metric, log2 size axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(5, 3.5))
+    for metric in results[0]:
+        axis.plot(sizes, [r[metric] for r in results], marker="o", label=metric)
+    axis.set_xscale("log", base=2)
+    axis.set_xticks(list(sizes), [str(s) for s in sizes])
+    axis.set_xlabel("model size (hidden dims)")
+    axis.set_ylabel("metric")
+    axis.set_title(title)
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+# ----- parameter accounting (paper Fig. 4) ------------------------------------------------------
+def parameter_accounting(config, dataset) -> List[Dict[str, int]]:
+    """Per size s: parameters of the extracted size-s model, of an independent (plain, dense)
+    size-s model, and of the families {sizes <= s} trained once (fMRL) or separately."""
+    sizes = resolve_mrl_sizes(config["mrl_sizes"], int(config["hidden_size"]))
+    rows, independent_total = [], 0
+    for size in sizes:
+        independent_config = submodel_config(config, size)
+        independent_config["mrl_sizes"] = [size]
+        independent = count_parameters(FMRLRec(independent_config, dataset))
+        independent_total += independent
+        rows.append({
+            "size": size,
+            "extracted": count_parameters(FMRLRec(submodel_config(config, size), dataset)),
+            "independent": independent,
+            "independent_family": independent_total,
+        })
+    return rows
+
+
+def parameter_table(rows: Sequence[Dict[str, int]]) -> str:
+    """Paper Fig. 4: R_s = (independent family - fMRL) / fMRL, once with our chunked storage and
+    once with the paper's masked dense storage (whose tensors have an independent model's shapes)."""
+    lines = [
+        "| size s | extracted fMRL model | independent model | independent family (sizes <= s) "
+        "| R_s, chunked fMRL | R_s, masked dense fMRL (paper's count) |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        family = row["independent_family"]
+        chunked = (family - row["extracted"]) / row["extracted"]
+        masked_dense = (family - row["independent"]) / row["independent"]
+        lines.append(
+            f"| {row['size']} | {row['extracted']:,} | {row['independent']:,} | {family:,} "
+            f"| {chunked:.1%} | {masked_dense:.1%} |"
+        )
+    return "\n".join(lines)
+
+
+# ----- checkpoints ---------------------------------------------------------------------------
+def config_from_checkpoint(saved: dict, overrides: Optional[dict] = None):
+    """Rebuild the run's Config: defaults of the saved model/dataset plus every saved value that
+    differs from them (the run's own settings), then ``overrides``."""
+    overrides = dict(overrides or {})
+    model, dataset = saved.get("model"), saved.get("dataset")
+    if model != "FMRLRec":
+        raise RecboleMMError(f"fmrlrec_tools: the checkpoint was written by model '{model}', not FMRLRec.")
+    defaults = plain_config(Config(model=model, dataset=dataset, config_dict=overrides))
+    run_settings = {
+        key: value for key, value in saved.items()
+        if key not in DERIVED_CONFIG_KEYS and defaults.get(key) != value
+    }
+    return Config(model=model, dataset=dataset, config_dict={**run_settings, **overrides})
+
+
+def load_run(checkpoint_path: str, overrides: Optional[dict] = None):
+    """(config, (train, valid, test) loaders, model with the checkpoint's weights, checkpoint)."""
+    checkpoint = load_checkpoint(checkpoint_path)
+    config = config_from_checkpoint(checkpoint.get("config", {}), overrides)
+    init_seed(config["seed"], config["reproducibility"])
+    init_logger(config)
+    dataset = create_dataset(config)
+    loaders = data_preparation(config, dataset)
+    model = FMRLRec(config, loaders[0].dataset).to(config["device"])
+    model.load_state_dict(checkpoint["state_dict"])
+    return config, loaders, model, checkpoint
+
+
+def save_submodel(checkpoint_path: str, size: int, output_path: str, overrides: Optional[dict] = None) -> FMRLRec:
+    """Write the standalone size-``size`` model of a trained FMRLRec as a regular checkpoint."""
+    config, (train_data, _, _), model, checkpoint = load_run(checkpoint_path, overrides)
+    small = extract_submodel(model, config, train_data.dataset, size)
+    small_config = submodel_config(config, size)
+    trainer = get_trainer(small_config["MODEL_TYPE"], "FMRLRec")(small_config, small)
+    trainer.cur_step = checkpoint.get("cur_step", 0)
+    trainer.best_valid_score = checkpoint.get("best_valid_score", trainer.best_valid_score)
+    trainer._save_checkpoint(checkpoint.get("epoch", 0), saved_model_file=output_path, verbose=False)
+    return small
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    evaluate = commands.add_parser("evaluate", help="metrics of every nested size (table + optional PNG plot)")
+    evaluate.add_argument("--checkpoint", required=True)
+    evaluate.add_argument("--split", choices=["valid", "test"], default="test")
+    evaluate.add_argument("--plot", default=None, help="PNG path for metric vs size")
+    extract = commands.add_parser("extract", help="write a standalone size-s checkpoint")
+    extract.add_argument("--checkpoint", required=True)
+    extract.add_argument("--size", type=int, required=True)
+    extract.add_argument("--output", required=True)
+    params = commands.add_parser("params", help="parameter accounting vs independent models")
+    params.add_argument("--checkpoint", required=True)
+    # --key=value arguments are config overrides: RecBole's Config reads them from the command line.
+    args, _ = parser.parse_known_args(argv)
+    try:
+        if args.command == "extract":
+            small = save_submodel(args.checkpoint, args.size, args.output)
+            print(f"wrote {args.output}: FMRLRec hidden_size={args.size}, mrl_sizes={small.mrl_sizes}, "
+                  f"{count_parameters(small):,} parameters")
+            return 0
+        config, (train_data, valid_data, test_data), model, _ = load_run(args.checkpoint)
+        if args.command == "params":
+            print(parameter_table(parameter_accounting(config, train_data.dataset)))
+            return 0
+        results = evaluate_sizes(model, test_data if args.split == "test" else valid_data, config)
+        print(size_table(model, config, train_data.dataset, results))
+        if args.plot:
+            plot_sizes(model.mrl_sizes, results, args.plot, f"FMRLRec on {config['dataset']} ({args.split})")
+            print(f"plot: {args.plot}")
+        return 0
+    except (RecboleMMError, FileNotFoundError, ValueError) as error:
+        print(f"fmrlrec_tools: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
