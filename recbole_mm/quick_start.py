@@ -10,7 +10,7 @@ from recbole.data import data_preparation
 from recbole.utils import get_environment, init_logger, init_seed, set_color
 
 from recbole_mm.config import Config
-from recbole_mm.utils import RecboleMMError, create_dataset, get_model, get_trainer
+from recbole_mm.utils import RecboleMMError, create_dataset, get_trainer
 
 
 def check_dataset_exists(config):
@@ -26,7 +26,7 @@ def check_dataset_exists(config):
 
 
 def build(model, dataset, config_file_list=None, config_dict=None, cmd_args=()):
-    """Config, data loaders, model and trainer, ready to fit."""
+    """Config, data loaders, model and trainer, ready to fit. ``model``: a name or a model class."""
     config = Config(model, dataset, config_file_list, config_dict, cmd_args)
     check_dataset_exists(config)
     init_seed(config["seed"], config["reproducibility"])
@@ -37,10 +37,25 @@ def build(model, dataset, config_file_list=None, config_dict=None, cmd_args=()):
     logger.info(dataset)
     train_data, valid_data, test_data = data_preparation(config, dataset)
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
-    model = get_model(config["model"])(config, train_data.dataset).to(config["device"])
+    model = config.model_class(config, train_data.dataset).to(config["device"])
     logger.info(model)
-    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    load_pretrained_weights(config, model, config_file_list, config_dict, cmd_args)
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"], config.model_class)(config, model)
     return config, (train_data, valid_data, test_data), model, trainer
+
+
+def load_pretrained_weights(config, model, config_file_list, config_dict, cmd_args):
+    """Transfer (recbole_mm.transfer): ``pretrain_datasets`` pre-trains on those datasets first;
+    ``pretrained`` (or the checkpoint just written) is loaded non-strictly into ``model``."""
+    if config["pretrain_datasets"]:
+        from recbole_mm.transfer import parse_dataset_list, pretrain
+
+        names = parse_dataset_list(config["pretrain_datasets"])
+        config["pretrained"] = pretrain(config["model"], names, config_file_list, config_dict, cmd_args)
+    if config["pretrained"]:
+        from recbole_mm.transfer import load_pretrained
+
+        load_pretrained(model, config["pretrained"])
 
 
 def run(model, dataset, config_file_list=None, config_dict=None, saved=True, cmd_args=()):

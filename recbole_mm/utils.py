@@ -1,6 +1,7 @@
 """Model, trainer and dataset lookup: recbole-mm first, RecBole's built-ins second."""
+import ast
 import importlib
-import pkgutil
+from pathlib import Path
 
 from recbole.utils import ModelType
 from recbole.utils import get_trainer as recbole_get_trainer
@@ -11,17 +12,13 @@ class RecboleMMError(Exception):
 
 
 def recbole_mm_model_names():
-    import recbole_mm.model as package
-
+    """Model classes in recbole_mm/model/, read from the sources (nothing is imported)."""
+    model_dir = Path(__file__).parent / "model"
     names = []
-    for module_info in pkgutil.iter_modules(package.__path__):
-        if module_info.ispkg or module_info.name in {"abstract"}:
-            continue
-        module = importlib.import_module(f"recbole_mm.model.{module_info.name}")
-        names += [
-            name for name, obj in vars(module).items()
-            if isinstance(obj, type) and name.lower() == module_info.name
-        ]
+    for path in model_dir.glob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        names += [node.name for node in tree.body
+                  if isinstance(node, ast.ClassDef) and node.name.lower() == path.stem]
     return sorted(names)
 
 
@@ -71,26 +68,23 @@ def get_model(model_name):
     )
 
 
-def get_trainer(model_type, model_name):
+def get_trainer(model_type, model_name, model_class=None):
     """Trainer for a model: ``recbole_mm.trainer.<Model>Trainer`` if it exists, else ``MMTrainer``
-    for recbole-mm models and RecBole's own trainer (with safe checkpoints) for built-ins."""
+    for recbole-mm models (and user classes built on them) and RecBole's own trainer, with safe
+    checkpoints, for RecBole's built-ins."""
     trainer_module = importlib.import_module("recbole_mm.trainer")
     if hasattr(trainer_module, model_name + "Trainer"):
         return getattr(trainer_module, model_name + "Trainer")
-    if is_recbole_mm_model(model_name):
+    model_class = model_class or get_model(model_name)
+    if not model_class.__module__.startswith("recbole."):
         return trainer_module.MMTrainer
-    recbole_trainer = recbole_get_trainer(model_type, model_name)
-    return trainer_module.with_safe_checkpoints(recbole_trainer)
-
-
-def is_recbole_mm_model(model_name):
-    return get_model(model_name).__module__.startswith("recbole_mm.")
+    return trainer_module.with_safe_checkpoints(recbole_get_trainer(model_type, model_name))
 
 
 def create_dataset(config):
     """Build the dataset the model needs: the multimodal one when the model reads item features,
     RecBole's own class otherwise. Never loads RecBole's pickled dataset cache."""
-    model_class = get_model(config["model"])
+    model_class = getattr(config, "model_class", None) or get_model(config["model"])
     if getattr(model_class, "needs_features", False):
         from recbole_mm.data import MultimodalSequentialDataset
 

@@ -25,18 +25,28 @@ class MultimodalSequentialRecommender(SequentialRecommender):
             )
         self.feature_dims = {}
         for name in self.modalities:
-            self.register_buffer(f"feature_{name}", item_features[name], persistent=False)
-            self.register_buffer(f"feature_mask_{name}", dataset.item_feature_masks[name], persistent=False)
-            self.feature_dims[name] = item_features[name].shape[1]
+            self.register_feature_table(name, item_features[name], dataset.item_feature_masks[name])
         self.has_timestamps = bool(getattr(dataset, "has_timestamps", False))
+
+    def register_feature_table(self, name, table, mask):
+        """Add a frozen (n_items, D) table that does not come from the dataset (e.g. ID embeddings
+        of a pre-trained SASRec); ``feature_table(name)`` / ``feature_mask(name)`` then serve it."""
+        if table.shape[0] != self.n_items or mask.shape != (self.n_items,):
+            raise RecboleMMError(
+                f"Feature table '{name}' has {table.shape[0]} rows (mask {tuple(mask.shape)}) for "
+                f"{self.n_items} items (padding included)."
+            )
+        self.register_buffer(f"item_feature_{name}", table.float(), persistent=False)
+        self.register_buffer(f"item_feature_mask_{name}", mask.bool(), persistent=False)
+        self.feature_dims[name] = table.shape[1]
 
     def feature_table(self, name):
         """(n_items, D) frozen features of one modality; missing items are zero rows."""
-        return getattr(self, f"feature_{name}")
+        return getattr(self, f"item_feature_{name}")
 
     def feature_mask(self, name):
         """(n_items,) bool: the item has a real feature row for this modality."""
-        return getattr(self, f"feature_mask_{name}")
+        return getattr(self, f"item_feature_mask_{name}")
 
     def concatenated_features(self):
         """(n_items, sum of dims): the run's modalities side by side, in ``modalities`` order."""

@@ -1,0 +1,159 @@
+"""MMTrainer: safe checkpoints, learners, accumulation, schedules, stages."""
+import math
+
+import pytest
+import torch
+from recbole.data.interaction import Interaction
+
+from recbole_mm.model.mmsasrec import MMSASRec
+from recbole_mm.quick_start import build
+from recbole_mm.trainer import MMTrainer, TrainingStage
+from recbole_mm.utils import RecboleMMError
+from tests.conftest import scientific_slice_config, write_scientific_slice
+
+
+@pytest.fixture
+def slice_root(scientific_dir, in_tmp_cwd):
+    root = in_tmp_cwd / "data"
+    write_scientific_slice(scientific_dir, root)
+    return root
+
+
+def read_model_yaml(name):
+    import yaml
+
+    from recbole_mm.config import PROPERTIES_DIR
+
+    return yaml.safe_load((PROPERTIES_DIR / "model" / f"{name}.yaml").read_text())
+
+
+def build_slice(root, model="MMSASRec", **overrides):
+    return build(model, "SciSlice", config_dict=scientific_slice_config(root, **overrides))
+
+
+def test_checkpoint_loads_with_weights_only_and_evaluates(slice_root):
+    config, (train, valid, test), model, trainer = build_slice(slice_root)
+    trainer.fit(train, valid, saved=True, show_progress=False)
+    checkpoint = torch.load(trainer.saved_model_file, weights_only=True)
+    assert checkpoint["config"]["model"] == "MMSASRec"
+    assert checkpoint["config"]["MODEL_TYPE"] == "SEQUENTIAL"
+    assert not any(key.startswith("item_feature") for key in checkpoint["state_dict"]), "tables are not saved"
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(1.0)  # evaluate(load_best_model=True) must restore the saved weights
+    trainer.evaluate(test, load_best_model=True)
+    for name, tensor in checkpoint["state_dict"].items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+
+
+def test_builtin_model_checkpoint_is_safe_too(slice_root):
+    config, (train, valid, test), model, trainer = build_slice(slice_root, model="SASRec")
+    trainer.fit(train, valid, saved=True, show_progress=False)
+    result = trainer.evaluate(test, load_best_model=True)
+    assert set(result) == {"recall@10", "recall@20", "ndcg@10", "ndcg@20"}
+    assert torch.load(trainer.saved_model_file, weights_only=True)["config"]["model"] == "SASRec"
+
+
+def test_checkpoint_from_another_model_is_refused(slice_root):
+    _, (train, valid, _), _, sasrec_trainer = build_slice(slice_root, model="SASRec")
+    sasrec_trainer.fit(train, valid, saved=True, show_progress=False)
+    _, _, _, trainer = build_slice(slice_root)
+    with pytest.raises(RecboleMMError, match="written by model 'SASRec'"):
+        trainer.resume_checkpoint(sasrec_trainer.saved_model_file)
+
+
+def test_resume_continues_from_the_saved_epoch(slice_root):
+    _, (train, valid, _), _, trainer = build_slice(slice_root)
+    trainer.fit(train, valid, saved=True, show_progress=False)
+    _, (train, valid, _), _, resumed = build_slice(slice_root, epochs=2)
+    resumed.resume_checkpoint(trainer.saved_model_file)
+    assert resumed.start_epoch == 1
+    resumed.fit(train, valid, saved=True, show_progress=False)
+    assert list(resumed.train_loss_dict) == [1]
+
+
+def test_learners(slice_root):
+    _, _, model, trainer = build_slice(slice_root, learner="nadam", weight_decay=0.01)
+    assert isinstance(trainer.optimizer, torch.optim.NAdam)
+    assert trainer.optimizer.param_groups[0]["weight_decay"] == 0.01
+    _, _, _, trainer = build_slice(slice_root, learner="adamw", weight_decay=0.05)
+    assert isinstance(trainer.optimizer, torch.optim.AdamW)
+    assert trainer.optimizer.param_groups[0]["weight_decay"] == 0.05
+    with pytest.raises(RecboleMMError, match="learner: 'lamb' is not supported"):
+        build_slice(slice_root, learner="lamb")
+
+
+def deterministic_copy(slice_root, **overrides):
+    config, (train, _, _), model, trainer = build_slice(
+        slice_root, hidden_dropout_prob=0.0, attn_dropout_prob=0.0, feature_dropout_prob=0.0,
+        learner="sgd", learning_rate=0.1, **overrides)
+    return config, train, model, trainer
+
+
+def test_gradient_accumulation_equals_one_big_batch(slice_root):
+    _, train, model_a, trainer_a = deterministic_copy(slice_root, gradient_accumulation_steps=2)
+    _, _, model_b, trainer_b = deterministic_copy(slice_root)
+    model_b.load_state_dict(model_a.state_dict())
+    full = next(iter(train))
+    half = len(full) // 2
+    full = full[torch.arange(2 * half)]
+    halves = [full[torch.arange(half)], full[torch.arange(half, 2 * half)]]
+    trainer_a._train_epoch(halves, 0)
+    trainer_b._train_epoch([full], 0)
+    for (name, a), b in zip(model_a.named_parameters(), model_b.parameters()):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_warmup_cosine_schedule(slice_root):
+    _, train, model, trainer = deterministic_copy(
+        slice_root, lr_scheduler="warmup_cosine", warmup_steps=2, epochs=1)
+    batches = [next(iter(train))] * 6  # one epoch of six optimizer steps
+    seen = []
+    trainer.scheduler = trainer._build_scheduler(steps_per_epoch=len(batches))
+    original_step = trainer.scheduler.step
+
+    def recording_step(*args, **kwargs):  # the lr the optimizer step just used
+        seen.append(trainer.optimizer.param_groups[0]["lr"])
+        return original_step(*args, **kwargs)
+
+    trainer.scheduler.step = recording_step
+    trainer._train_epoch(batches, 0)
+    total, warmup, base = 6, 2, 0.1
+    expected = [base * (s + 1) / (warmup + 1) if s < warmup
+                else base * 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup))) for s in range(total)]
+    assert seen == pytest.approx(expected)
+
+
+class StagedMMSASRec(MMSASRec):
+    """Stage 'features' trains only the feature projection; stage 'all' trains everything."""
+
+    def training_stages(self):
+        return [TrainingStage("features", epochs=1, learning_rate=0.01), TrainingStage("all", epochs=1)]
+
+    def enter_stage(self, stage):
+        for name, parameter in self.named_parameters():
+            parameter.requires_grad = stage.name == "all" or name.startswith("feature_projection")
+
+
+def test_stages_freeze_what_they_say(slice_root, monkeypatch):
+    config = scientific_slice_config(slice_root, **read_model_yaml("MMSASRec"))
+    _, (train, valid, _), model, trainer = build(StagedMMSASRec, "SciSlice", config_dict=config)
+    assert isinstance(model, StagedMMSASRec) and isinstance(trainer, MMTrainer)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    snapshots = []
+    original_fit = MMTrainer.__mro__[2].fit  # RecBole's Trainer.fit, run once per stage
+
+    def fit_and_snapshot(self, *args, **kwargs):
+        result = original_fit(self, *args, **kwargs)
+        snapshots.append((self.optimizer.param_groups[0]["lr"],
+                          {name: p.detach().clone() for name, p in model.named_parameters()}))
+        return result
+
+    monkeypatch.setattr(MMTrainer.__mro__[2], "fit", fit_and_snapshot)
+    trainer.fit(train, valid, saved=False, show_progress=False)
+    assert [lr for lr, _ in snapshots] == [0.01, trainer.learning_rate]
+    after_features = snapshots[0][1]
+    for name, value in after_features.items():
+        changed = not torch.equal(value, before[name])
+        assert changed == name.startswith("feature_projection"), name
+    assert not torch.equal(snapshots[1][1]["position_embedding.weight"], before["position_embedding.weight"])
