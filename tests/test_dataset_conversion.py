@@ -444,3 +444,65 @@ def test_download_resumes_and_bounds_retries(tmp_path):
         assert sum(FlakyImageServer.hits.values()) == hits_before + 2  # only the failed ones were retried
     finally:
         server.shutdown()
+
+
+# ----------------------------------------------------------------------------------------------
+# The shipped Office.yaml reads exactly what the converter + encoders write
+# ----------------------------------------------------------------------------------------------
+class HashingTextEncoder:
+    """Deterministic stand-in for a text model (the real ones need the encode extra)."""
+
+    label, backend = "test-hash", "test"
+
+    def encode(self, texts, batch_size, show_progress):
+        return np.array([[len(t), sum(map(ord, t)) % 97, 1.0] for t in texts], dtype=np.float32)
+
+
+class MeanColourImageEncoder:
+    label, backend = "test-mean-colour", "test"
+
+    def encode(self, images):
+        return np.array([np.asarray(image, dtype=np.float32).mean((0, 1)) + 1 for image in images])
+
+
+def test_office_yaml_matches_the_converter_outputs(tmp_path, in_tmp_cwd):
+    from PIL import Image
+
+    from dataset_conversion.encode_features import encode_image_modality, encode_text_modality
+    from recbole_mm.quick_start import build
+
+    write_amazon_2018(tmp_path)
+    dataset_dir, _ = amazon.convert(tmp_path / "Office_Products_5.json.gz", tmp_path / "meta_Office_Products.json.gz",
+                                    "Office", tmp_path / "data")
+    encode_text_modality(dataset_dir, "Office", "text", "text", HashingTextEncoder(), show_progress=False)
+    (tmp_path / "images").mkdir()
+    tokens = (dataset_dir / "Office.item2index").read_text().split()[::2]
+    for n, token in enumerate(tokens[::2]):  # every other item has an image
+        Image.new("RGB", (8, 8), (n * 20, 0, 0)).save(tmp_path / "images" / f"{token}.jpg")
+    _, image_present = encode_image_modality(dataset_dir, "Office", tmp_path / "images", MeanColourImageEncoder(),
+                                             show_progress=False)
+
+    config, (train_data, _, _), model, _ = build("MMSASRec", "Office", config_dict={
+        "data_path": str(tmp_path / "data"), "show_progress": False, "hidden_size": 8, "inner_size": 16})
+    assert config["modalities"] == ["text", "image"] and config["TIME_FIELD"] == "timestamp"
+    item_tokens = train_data.dataset.field2id_token["item_id"]
+    mask = model.feature_mask("image").cpu().numpy()
+    assert [bool(mask[i]) for i in range(1, len(item_tokens))] == [
+        bool(image_present[tokens.index(t)]) for t in item_tokens[1:]]
+    assert 0 < mask[1:].sum() < len(item_tokens) - 1
+
+
+def test_scripts_run_from_the_command_line(tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "dataset_conversion/movielens.py", "ml-100k", "--no_encode",
+                           "--max_users", "3", "--output_dir", str(tmp_path)], cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "ml-100k-mm: 3 users" in done.stderr
+    assert (tmp_path / "ml-100k-mm" / "ml-100k-mm.inter").exists()
+    for script in ("amazon", "encode_features", "download_images"):
+        done = subprocess.run([sys.executable, "-m", f"dataset_conversion.{script}", "--help"], cwd=root,
+                              capture_output=True, text=True)
+        assert done.returncode == 0 and "usage" in done.stdout, done.stderr
