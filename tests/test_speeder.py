@@ -1,0 +1,220 @@
+"""Speeder (recbole_mm/model/speeder.py) on a slice of Scientific with a tiny untrained Llama."""
+
+import os
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from recbole_mm.evaluator.candidate_protocol import with_candidate_protocol
+from recbole_mm.model.speeder import most_recent_items, truncated_position_prompt
+from recbole_mm.quick_start import build
+from recbole_mm.trainer import TrainingStage
+from tests.conftest import scientific_slice_config, write_scientific_slice
+
+TINY = dict(
+    llm_hidden_size=16, llm_num_layers=1, llm_num_heads=2, mome_hidden_size=8, mome_inner_size=16,
+    mome_dropout=0.0, train_batch_size=64, eval_batch_size=128, stage_epochs=[1, 1, 1], warmup_steps=0,
+    id_sasrec={"hidden_size": 8, "inner_size": 16, "n_layers": 1, "n_heads": 1, "epochs": 1,
+               "learning_rate": 0.001, "train_batch_size": 256},
+)
+
+
+@pytest.fixture(scope="module")
+def workdir(scientific_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("speeder")
+    write_scientific_slice(scientific_dir, root / "data", n_users=60)
+    previous = os.getcwd()
+    os.chdir(root)
+    torch.set_num_threads(1)
+    yield root
+    os.chdir(previous)
+
+
+def speeder_config(workdir, **overrides):
+    config = scientific_slice_config(workdir / "data", **TINY)
+    config["checkpoint_dir"] = str(workdir / "saved")
+    config.update(overrides)
+    return config
+
+
+@pytest.fixture(scope="module")
+def built(workdir):
+    return build("Speeder", "SciSlice", config_dict=speeder_config(workdir))
+
+
+def first_batch(loader):
+    return next(iter(loader))
+
+
+def eval_interaction(batched):
+    return batched[0] if isinstance(batched, tuple) else batched
+
+
+def test_ppl_truncation_against_loop():
+    torch.manual_seed(0)
+    table = torch.randn(6, 4)
+    lengths = torch.tensor([1, 4, 6, 3])
+    out = truncated_position_prompt(table, lengths, width=6)
+    for b, n in enumerate(lengths.tolist()):
+        for j in range(6):
+            expected = table[j] if j < n else torch.zeros(4)
+            assert torch.equal(out[b, j], expected)
+
+
+def test_most_recent_items_keeps_the_tail():
+    histories = torch.tensor([[1, 2, 3, 4, 5, 6], [7, 8, 0, 0, 0, 0], [1, 2, 3, 4, 0, 0]])
+    lengths = torch.tensor([6, 2, 4])
+    kept, new_lengths = most_recent_items(histories, lengths, 3)
+    for row, n in zip(range(3), lengths.tolist()):
+        tail = histories[row, :n].tolist()[-3:]
+        assert kept[row].tolist() == tail + [0] * (3 - len(tail))
+        assert new_lengths[row] == len(tail)
+
+
+def test_prompt_has_two_tokens_per_item(built):
+    _, _, model, _ = built
+    prompt = model.prompt
+    fixed, slots = prompt.recommendation(0, 0)
+    for n in (1, 7, 20):
+        ids, n_slots = prompt.recommendation(n, 5)
+        assert n_slots == n + 5 and ids.count(prompt.placeholder) == n + 5
+        assert len(ids) - len(fixed) == 2 * (n + 5)
+
+
+def test_answer_loss_equals_hf_lm_loss(built):
+    _, (train_data, _, _), model, _ = built
+    model.eval()
+    batch = first_batch(train_data)
+    histories, lengths = batch[model.ITEM_SEQ][:8], batch[model.ITEM_SEQ_LEN][:8]
+    candidates, slots = model.candidate_sampler.training_candidates(histories, batch[model.POS_ITEM_ID][:8])
+    rows, items, mask = model._assemble(histories, lengths, candidates, "recommend")
+    answers = torch.tensor(model.prompt.label_ids)[slots]
+    loss = model._answer_loss(rows, items, mask, answers)
+    # independent: HF's own causal-LM loss with every non-answer position labelled -100
+    full = [row + [a, model.prompt.eos] for row, a in zip(rows, answers.tolist())]
+    width = max(map(len, full))
+    input_ids = torch.full((len(full), width), model.prompt.pad)
+    labels = torch.full((len(full), width), -100)
+    attention = torch.zeros((len(full), width), dtype=torch.long)
+    for b, row in enumerate(full):
+        input_ids[b, : len(row)] = torch.tensor(row)
+        labels[b, len(row) - 2: len(row)] = torch.tensor(row[-2:])
+        attention[b, : len(row)] = 1
+    embeds = model.llm.build_inputs_embeds(input_ids, items, mask)
+    hf = model.llm.model(inputs_embeds=embeds, attention_mask=attention, labels=labels)
+    torch.testing.assert_close(loss, hf.loss, rtol=1e-5, atol=1e-5)
+
+
+def test_constrained_scores_are_generation_logits_over_labels(built):
+    _, (_, valid_data, _), model, _ = built
+    model.eval()
+    interaction = eval_interaction(first_batch(valid_data))
+    with torch.no_grad():
+        candidates, _ = model.evaluation_candidates(interaction)
+        constrained = model.candidate_scores(interaction, candidates)
+        # independent: the plain HF forward's logits at each prompt's last real token
+        rows, items, mask = model._assemble(
+            interaction[model.ITEM_SEQ], interaction[model.ITEM_SEQ_LEN], candidates, "recommend"
+        )
+        input_ids = torch.full((len(rows), max(map(len, rows))), model.prompt.pad)
+        attention = torch.zeros_like(input_ids)
+        for b, row in enumerate(rows):
+            input_ids[b, : len(row)] = torch.tensor(row)
+            attention[b, : len(row)] = 1
+        embeds = model.llm.build_inputs_embeds(input_ids, items, mask)
+        logits = model.llm.model(inputs_embeds=embeds, attention_mask=attention).logits
+        last = logits[torch.arange(len(rows)), attention.sum(1) - 1]
+        label_ids = torch.tensor(model.prompt.label_ids)
+        torch.testing.assert_close(constrained, last[:, label_ids], rtol=1e-4, atol=1e-4)
+        assert torch.equal(constrained.argmax(1), last[:, label_ids].argmax(1))
+        slots, generated = model.generate_answers(interaction, candidates)
+        assert torch.equal(generated[:, 0], last.argmax(1))  # greedy first token
+        first_is_label = torch.isin(generated[:, 0], label_ids)
+        by_label = {int(t): k for k, t in enumerate(label_ids)}
+        for row, slot, ok in zip(generated.tolist(), slots.tolist(), first_is_label.tolist()):
+            text = model.llm.tokenizer.decode(row, skip_special_tokens=True).lower()
+            named = {k for k, label in enumerate(model.prompt.labels) if label.lower() in re.findall(r"\w+", text)}
+            assert slot == (next(iter(named)) if len(named) == 1 else -1)
+            if ok and len(named) == 1:
+                assert slot == by_label[row[0]]
+
+
+def test_full_sort_predict_is_finite_exactly_on_fixed_candidates(built):
+    _, (_, valid_data, _), model, _ = built
+    model.eval()
+    interaction = eval_interaction(first_batch(valid_data))
+    with torch.no_grad():
+        scores = model.full_sort_predict(interaction)
+        again = model.full_sort_predict(interaction)
+    candidates, _ = model.evaluation_candidates(interaction)
+    finite = torch.isfinite(scores)
+    assert finite.sum(1).eq(model.num_candidates).all()
+    assert torch.equal(finite.nonzero()[:, 1].view(len(scores), -1).sort(1).values, candidates.sort(1).values)
+    torch.testing.assert_close(scores, again)
+
+
+STAGE_PATTERNS = {
+    # what the design says trains in each MPO stage (names, independent of the model's own groups)
+    "1:text": [r"^position_prompt$", r"^llm\.", r"^compressor\.output_adapter\.", r"^compressor\.adapters\.text\.",
+               r"^compressor\.modality_layers\.\d+\.experts\.text\."],
+    "2:text+image": [r"^position_prompt$", r"^llm\.", r"^compressor\.output_adapter\.", r"^compressor\.adapters\.(text|image)\.",
+                     r"^compressor\.gates\.image\.", r"^compressor\.modality_layers\.\d+\.experts\.(text|image)\.",
+                     r"^compressor\.modality_layers\.\d+\.attention", r"^compressor\.multimodal_layers\."],
+    "3:text+image+id": [r".*"],
+}
+
+
+def test_stage_freezing_only_listed_parameters_get_gradients(built):
+    _, (train_data, _, _), model, _ = built
+    model.train()
+    batch = first_batch(train_data)
+    stages = model.training_stages()
+    assert [s.name for s in stages] == list(STAGE_PATTERNS)
+    for stage in stages:
+        model.enter_stage(stage)
+        model.zero_grad(set_to_none=True)
+        model.calculate_loss(batch).backward()
+        for name, parameter in model.named_parameters():
+            expected = any(re.match(p, name) for p in STAGE_PATTERNS[stage.name])
+            assert parameter.requires_grad == expected, (stage.name, name)
+            assert (parameter.grad is not None) == expected, (stage.name, name)
+    model.zero_grad(set_to_none=True)
+
+
+def test_three_stage_run_and_candidate_metrics(workdir):
+    config, (train_data, valid_data, test_data), model, trainer = build(
+        "Speeder", "SciSlice", config_dict=speeder_config(workdir, ppt_rate=0.5)
+    )
+    stages_entered = []
+    enter = model.enter_stage
+    model.enter_stage = lambda stage: (stages_entered.append(stage.name), enter(stage))
+    trainer.fit(train_data, valid_data, saved=True, show_progress=False)
+    assert stages_entered == ["1:text", "2:text+image", "3:text+image+id"]
+    result = trainer.evaluate(test_data, load_best_model=True)
+    assert set(result) == {"hr@1", "validratio", "vhr@1"}
+    assert result["validratio"] == 1.0 and 0.0 <= result["hr@1"] <= 1.0
+    model.inference = "generate"
+    generated = trainer.evaluate(test_data, load_best_model=False)
+    assert 0.0 <= generated["validratio"] <= 1.0
+    assert generated["vhr@1"] == pytest.approx(generated["validratio"] * generated["hr@1"], abs=2e-4)
+
+
+def test_sasrec_ranked_on_the_same_candidate_sets(workdir, built):
+    _, (_, valid_data, _), speeder, speeder_trainer = built
+    config, (_, sas_valid, _), sasrec, trainer = build(
+        "SASRec", "SciSlice", config_dict=speeder_config(workdir, metrics=["HR", "ValidRatio", "VHR"], topk=[1],
+                                                          valid_metric="VHR@1", num_candidates=5, candidate_seed=2020)
+    )
+    protocol_trainer = with_candidate_protocol(type(trainer))(config, sasrec)
+    protocol_trainer.tot_item_num = sas_valid._dataset.item_num
+    batched = first_batch(sas_valid)
+    _, scores, _, _ = protocol_trainer._full_sort_batch_eval(batched)
+    speeder.eval()
+    speeder_trainer.tot_item_num = valid_data._dataset.item_num
+    with torch.no_grad():  # both after RecBole's history masking
+        _, speeder_scores, _, _ = speeder_trainer._full_sort_batch_eval(first_batch(valid_data))
+    assert torch.equal(torch.isfinite(scores), torch.isfinite(speeder_scores))
+    result = protocol_trainer.evaluate(sas_valid, load_best_model=False)
+    assert result["validratio"] == 1.0 and result["vhr@1"] == result["hr@1"]
