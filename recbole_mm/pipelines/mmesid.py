@@ -275,13 +275,35 @@ def prepare_run(dataset, config_file_list=None, config_dict=None, stop_after="ll
     return prepared
 
 
-def run_mmesid(dataset, config_file_list=None, config_dict=None, saved=True):
-    """All three stages; returns quick_start's result plus the stage files."""
+def export_item_tables(dataset, checkpoint, config_file_list=None, config_dict=None, path=None):
+    """Rebuild a trained MMESID from its checkpoint and save its item matrices (the eq. 16 input
+    table, E_x, and each modality's fine-tuned Σ_l E_SID) for ``recbole_mm.embedding_analysis``."""
+    from recbole_mm.quick_start import build
+
+    _, (train_data, _, _), model, trainer = build("MMESID", dataset, config_file_list, config_dict)
+    trainer.load_model_checkpoint(checkpoint)
+    model.eval()
+    items = train_data.dataset.field2id_token[train_data.dataset.iid_field]
+    path = Path(path) if path else Path(checkpoint).with_suffix(".tables.pt")
+    torch.save({
+        "item_tokens": [str(token) for token in items],
+        "input_table": model.item_input_table().cpu(),
+        "target_table": model.target_item_embedding.weight.detach().cpu(),
+        "quantized": {name: model.quantized_table(name).cpu() for name in model.channels},
+    }, path)
+    return path
+
+
+def run_mmesid(dataset, config_file_list=None, config_dict=None, saved=True, export_tables=True):
+    """All three stages; returns quick_start's result plus the stage files (and, with
+    ``export_tables``, the trained model's item matrices)."""
     from recbole_mm.quick_start import run
 
     prepared = prepare_run(dataset, config_file_list, config_dict)
     result = run("MMESID", dataset, config_file_list=config_file_list, config_dict=prepared, saved=saved)
     result.update(collab_file=prepared["mmesid_collab_file"], sid_file=prepared["mmesid_sid_file"])
+    if export_tables and saved:
+        result["tables_file"] = str(export_item_tables(dataset, result["checkpoint"], config_file_list, prepared))
     return result
 
 

@@ -1,0 +1,253 @@
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from recbole_mm.embedding_analysis import (
+    behaviour_target_distances,
+    kendall_tau,
+    load_item_matrix,
+    singular_value_spectrum,
+    write_spectrum,
+)
+from recbole_mm.model.mmesid import normalised_log_frequency, sample_negatives
+from recbole_mm.quick_start import build
+from recbole_mm.utils import RecboleMMError
+from tests.conftest import scientific_slice_config, write_scientific_slice
+
+HIDDEN, LEVELS, CODES, N_ROWS = 16, 2, 4, 1585
+TINY_LLM = {"llm_hidden_size": HIDDEN, "llm_num_layers": 1, "llm_num_heads": 2, "fusion_hidden_size": 8}
+
+
+@pytest.fixture(scope="module")
+def slice_root(scientific_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("mmesid")
+    cwd = os.getcwd()
+    os.chdir(root)  # saved/ and log/ land here
+    write_scientific_slice(scientific_dir, root / "data", n_users=60)
+    yield root
+    os.chdir(cwd)
+
+
+@pytest.fixture(scope="module")
+def stage_files(slice_root):
+    """Synthetic stage-1/2 outputs over every Scientific item token (row r = token str(r))."""
+    generator = torch.Generator().manual_seed(0)
+    tokens = [str(row) for row in range(N_ROWS)]
+    collab = slice_root / "collab.pt"
+    torch.save({"item_tokens": tokens, "embedding": torch.randn(N_ROWS, 8, generator=generator)}, collab)
+    sid = slice_root / "sid.pt"
+    channels = ["collab", "text", "image"]
+    torch.save({
+        "item_tokens": tokens,
+        "codes": {m: torch.randint(0, CODES, (N_ROWS, LEVELS), generator=generator) for m in channels},
+        "codebooks": {m: torch.randn(LEVELS, CODES, HIDDEN, generator=generator) for m in channels},
+    }, sid)
+    return {"mmesid_collab_file": str(collab), "mmesid_sid_file": str(sid)}
+
+
+def build_mmesid(slice_root, stage_files, **overrides):
+    config = scientific_slice_config(slice_root / "data", **{**TINY_LLM, **stage_files, **overrides})
+    return build("MMESID", "SciSlice", config_dict=config)
+
+
+@pytest.fixture(scope="module")
+def built(slice_root, stage_files):
+    return build_mmesid(slice_root, stage_files, llm_tuning="lora", lora_rank=2)
+
+
+def first_batch(train):
+    return next(iter(train))
+
+
+def test_sid_tables_start_from_the_codebooks(built, stage_files):
+    _, (train, _, _), model, _ = built
+    saved = torch.load(stage_files["mmesid_sid_file"], weights_only=True)
+    tokens = train.dataset.field2id_token[train.dataset.iid_field]
+    for name in model.channels:
+        assert torch.equal(model.sid_tables[name].detach(), saved["codebooks"][name])
+        for item in (1, 7, len(tokens) - 1):
+            codes = saved["codes"][name][int(tokens[item])]
+            expected = sum(saved["codebooks"][name][level, codes[level]] for level in range(LEVELS))
+            torch.testing.assert_close(model.semantic_id_embeddings(name, torch.tensor(item)), expected)
+
+
+def test_random_sid_init_is_not_the_codebooks(slice_root, stage_files):
+    _, _, model, _ = build_mmesid(slice_root, stage_files, sid_init="random")
+    saved = torch.load(stage_files["mmesid_sid_file"], weights_only=True)
+    assert not torch.allclose(model.sid_tables["text"].detach(), saved["codebooks"]["text"])
+
+
+def test_codebook_width_must_match_llm(slice_root, stage_files):
+    with pytest.raises(RecboleMMError, match="rqvae_latent_dim"):
+        build_mmesid(slice_root, stage_files, llm_hidden_size=32)
+
+
+def test_missing_stage_file_is_a_clear_error(slice_root, stage_files):
+    with pytest.raises(RecboleMMError, match="mmesid_sid_file"):
+        build_mmesid(slice_root, {**stage_files, "mmesid_sid_file": str(slice_root / "nope.pt")})
+
+
+def test_fusion_weights_sum_to_one(built):
+    _, _, model, _ = built
+    weights = model.fusion_weights()
+    assert weights.shape == (model.n_items, 4) and (weights > 0).all()
+    torch.testing.assert_close(weights.sum(-1), torch.ones(model.n_items))
+    model.use_fusion = False
+    try:
+        torch.testing.assert_close(model.fusion_weights(), torch.full((model.n_items, 4), 0.25))
+    finally:
+        model.use_fusion = True
+
+
+def test_frequency_feature_is_minmax_log_count(built):
+    _, (train, _, _), model, _ = built
+    targets = train.dataset.inter_feat["item_id"].tolist()
+    logs = [math.log(targets.count(item) + 1) for item in range(model.n_items)]
+    expected = [(v - min(logs)) / (max(logs) - min(logs)) for v in logs]
+    torch.testing.assert_close(normalised_log_frequency(train.dataset, model.n_items).squeeze(-1),
+                               torch.tensor(expected, dtype=torch.float32))
+
+
+def test_item_vector_follows_eq16(built):
+    _, _, model, _ = built
+    items = torch.tensor([1, 5, 9])
+    parts = []
+    for name in ["collab", "text", "image"]:
+        present = model.feature_mask(name)[items].float()[:, None]
+        projected = model.feature_table(name)[items] @ model.projections[name].weight.t() + model.projections[name].bias
+        sid_sum = sum(model.sid_tables[name][level][getattr(model, f"sid_{name}")[items, level]] for level in range(LEVELS))
+        parts += [projected * present, sid_sum * present]
+    mlp = model.item_mlp
+    expected = torch.nn.functional.gelu(mlp[2](torch.relu(mlp[0](torch.cat(parts, -1)))))
+    torch.testing.assert_close(model.item_input_embeddings(items), expected)
+
+
+def test_scores_follow_eq18_and_full_equals_per_item(built):
+    _, (train, _, _), model, _ = built
+    model.eval()
+    batch = first_batch(train)
+    with torch.no_grad():
+        state = model.forward(batch["item_id_list"], batch["item_length"])
+        full = model.full_scores(state)
+        items = torch.randint(1, model.n_items, (len(state), 6))
+        torch.testing.assert_close(model.item_scores(state, items), full.gather(1, items), rtol=1e-5, atol=1e-5)
+        # eq. 18 written out for one user and one item
+        user, item = 0, int(items[0, 0])
+        w = model.fusion_weights()[item]
+        expected = w[0] * state[user] @ model.target_item_embedding.weight[item]
+        for k, name in enumerate(model.channels, start=1):
+            expected += w[k] * state[user] @ model.projections[name](model.feature_table(name)[item])
+        torch.testing.assert_close(full[user, item], expected, rtol=1e-5, atol=1e-5)
+    model.train()
+
+
+def test_negatives_never_hit_the_positive():
+    positives = torch.tensor([1, 2, 5, 9] * 50)
+    negatives = sample_negatives(positives, n_items=10, n_negatives=7)
+    assert negatives.min() >= 1 and negatives.max() <= 9
+    assert not (negatives == positives[:, None]).any()
+    assert set(negatives[positives == 5].flatten().tolist()) == {1, 2, 3, 4, 6, 7, 8, 9}
+
+
+@pytest.mark.parametrize("loss_type", ["CE", "BCE"])
+def test_gradients_reach_exactly_the_trainable_parameters(slice_root, stage_files, loss_type):
+    _, (train, _, _), model, _ = build_mmesid(slice_root, stage_files, llm_tuning="lora", lora_rank=2,
+                                              loss_type=loss_type, bce_negatives=3)
+    trainable_prefixes = ("projections.", "sid_tables.", "item_mlp.", "target_item_embedding.", "fusion_mlp.")
+    named = dict(model.named_parameters())
+    for name, parameter in named.items():
+        expected = name.startswith(trainable_prefixes) or "lora_" in name
+        assert parameter.requires_grad == expected, name
+    model.calculate_loss(first_batch(train)).backward()
+    for name, parameter in named.items():
+        if parameter.requires_grad:
+            assert parameter.grad is not None, name
+            if "lora_A" not in name:  # lora_B starts at zero, so A's first gradient is zero
+                assert parameter.grad.abs().sum() > 0, name
+        else:
+            assert parameter.grad is None, name
+    # the frozen inputs are buffers, never parameters
+    assert not any(name.startswith("item_feature") for name in named)
+
+
+def test_full_tuning_trains_the_backbone(slice_root, stage_files):
+    _, (train, _, _), model, _ = build_mmesid(slice_root, stage_files, llm_tuning="full")
+    assert all(p.requires_grad for p in model.parameters())
+    model.calculate_loss(first_batch(train)).backward()
+    assert model.llm.embed_tokens(torch.tensor([0])).shape[-1] == HIDDEN
+    layer_weight = dict(model.llm.model.named_parameters())["model.layers.0.mlp.up_proj.weight"]
+    assert layer_weight.grad is not None and layer_weight.grad.abs().sum() > 0
+
+
+# ---- analysis tools ------------------------------------------------------------------------
+def naive_kendall_tau(x, y):
+    concordant = discordant = 0
+    n = len(x)
+    for i in range(n):
+        for j in range(i + 1, n):
+            sign = np.sign(x[i] - x[j]) * np.sign(y[i] - y[j])
+            concordant += sign > 0
+            discordant += sign < 0
+    return (concordant - discordant) / (n * (n - 1) / 2)
+
+
+def test_kendall_tau_equals_pair_counting_with_ties():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 6, 60).astype(float)  # many ties
+    y = x + rng.normal(0, 2, 60)
+    y[:10] = 1.0
+    assert abs(kendall_tau(x, y) - naive_kendall_tau(x, y)) < 1e-12
+    z = rng.normal(size=40)
+    assert abs(kendall_tau(z, -z) + 1) < 1e-12
+
+
+def test_behaviour_target_distances_match_loop():
+    embedding = torch.randn(10, 3)
+    item_seq = torch.tensor([[1, 2, 0], [3, 4, 5]])
+    lengths, targets = torch.tensor([2, 3]), torch.tensor([6, 7])
+    expected = [torch.dist(embedding[item_seq[b, k]], embedding[targets[b]]).item()
+                for b in range(2) for k in range(int(lengths[b]))]
+    np.testing.assert_allclose(behaviour_target_distances(embedding, item_seq, lengths, targets), expected, rtol=1e-6)
+
+
+def test_spectrum_matches_numpy_and_writes_files(tmp_path):
+    matrix = torch.randn(30, 5, dtype=torch.float64) @ torch.randn(5, 8, dtype=torch.float64)  # rank 5
+    values, normalised = singular_value_spectrum(matrix)
+    np.testing.assert_allclose(values.numpy(), np.linalg.svd(matrix.numpy(), compute_uv=False), rtol=1e-8, atol=1e-12)
+    assert normalised[0] == 1 and normalised[5:].max() < 1e-12
+    torch.save({"item_tokens": ["a"], "nested": {"m": matrix}}, tmp_path / "m.pt")
+    csv_path, png_path = write_spectrum({"m": load_item_matrix(f"{tmp_path / 'm.pt'}:nested.m")}, tmp_path / "spec")
+    assert png_path.stat().st_size > 0 and len(csv_path.read_text().splitlines()) == 1 + 8
+
+
+# ---- all stages end to end -------------------------------------------------------------------
+def test_all_stages_end_to_end_on_a_slice(slice_root):
+    from recbole_mm.pipelines.mmesid import run_mmesid
+
+    config = scientific_slice_config(
+        slice_root / "data", **TINY_LLM, train_batch_size=64,
+        rqvae_hidden_dims=[32], rqvae_levels=2, rqvae_codebook_size=8, rqvae_epochs=2, rqvae_batch_size=512,
+        collab_config={"hidden_size": 8, "inner_size": 16, "n_layers": 1, "n_heads": 1, "epochs": 1,
+                       "loss_type": "CE", "train_neg_sample_args": None},
+        mmesid_cache_dir=str(slice_root / "cache"), checkpoint_dir=str(slice_root / "saved"),
+    )
+    result = run_mmesid("SciSlice", config_dict=config)
+    assert set(result["test_result"]) == {f"{m}@{k}" for m in ("hit", "ndcg") for k in (5, 10, 20)}
+    sid = torch.load(result["sid_file"], weights_only=True)
+    assert sid["codebooks"]["text"].shape == (2, 8, HIDDEN) and sid["stats"]["joint"]["items"] > 0
+    assert torch.load(result["collab_file"], weights_only=True)["embedding"].shape[1] == 8
+    tables = torch.load(result["tables_file"], weights_only=True)
+    assert tables["input_table"].shape[1] == HIDDEN and set(tables["quantized"]) == {"collab", "text", "image"}
+
+    # cached: nothing recomputed; a tokenizer setting changes only the tokenizer file
+    from recbole_mm.pipelines.mmesid import prepare_run
+
+    mtimes = {path: os.path.getmtime(path) for path in (result["collab_file"], result["sid_file"])}
+    again = prepare_run("SciSlice", config_dict=config)
+    assert again["mmesid_sid_file"] == result["sid_file"]
+    assert all(os.path.getmtime(path) == mtime for path, mtime in mtimes.items())
+    changed = prepare_run("SciSlice", config_dict={**config, "rqvae_recon_loss": "mse"})
+    assert changed["mmesid_collab_file"] == result["collab_file"] and changed["mmesid_sid_file"] != result["sid_file"]
