@@ -218,3 +218,25 @@ def test_sasrec_ranked_on_the_same_candidate_sets(workdir, built):
     assert torch.equal(torch.isfinite(scores), torch.isfinite(speeder_scores))
     result = protocol_trainer.evaluate(sas_valid, load_best_model=False)
     assert result["validratio"] == 1.0 and result["vhr@1"] == result["hr@1"]
+
+
+def test_id_features_from_a_given_table(workdir):
+    import numpy as np
+
+    table = np.random.default_rng(0).standard_normal((1585, 6)).astype(np.float32)
+    np.save(workdir / "data" / "SciSlice" / "SciSlice.sasrec.npy", table)
+    config = speeder_config(workdir, id_features="table", modalities=["text", "image", "id"])
+    config["feature_tables"] = {**config["feature_tables"], "id": {"path": "SciSlice.sasrec.npy"}}
+    _, (train_data, _, _), model, _ = build("Speeder", "SciSlice", config_dict=config)
+    assert model.compressor.modalities == ["text", "image", "id"]
+    assert model.feature_table("id").shape[1] == 6
+    model.enter_stage(model.training_stages()[-1])
+    assert torch.isfinite(model.calculate_loss(first_batch(train_data)))
+
+
+def test_stage_with_unavailable_modality_is_a_clear_error(workdir):
+    from recbole_mm.utils import RecboleMMError
+
+    config = speeder_config(workdir, id_features="none", stage_modalities=[["text"], ["text", "id"]], stage_epochs=[1, 1])
+    with pytest.raises(RecboleMMError, match="stage_modalities"):
+        build("Speeder", "SciSlice", config_dict=config)
