@@ -10,7 +10,7 @@ from recbole.data import data_preparation
 from recbole.utils import get_environment, init_logger, init_seed, set_color
 
 from recbole_mm.config import Config
-from recbole_mm.utils import RecboleMMError, create_dataset, get_trainer
+from recbole_mm.utils import RecboleMMError, create_dataset, get_model, get_trainer
 
 
 def check_dataset_exists(config):
@@ -62,7 +62,13 @@ def run(model, dataset, config_file_list=None, config_dict=None, saved=True, cmd
     """Train with early stopping on validation, test the best checkpoint; return the results.
 
     ``cmd_args``: ``--key=value`` strings that override everything else (the CLI passes its own).
+    A model class with ``prepare_run(dataset, config_file_list, config_dict, cmd_args)`` first
+    produces its inputs (e.g. MMESID's cached embedding and semantic-ID stages) and returns the
+    config_dict to build it with.
     """
+    model_class = get_model(model) if isinstance(model, str) else model
+    if hasattr(model_class, "prepare_run"):
+        config_dict = model_class.prepare_run(dataset, config_file_list, config_dict, cmd_args)
     config, (train_data, valid_data, test_data), model, trainer = build(
         model, dataset, config_file_list, config_dict, cmd_args
     )
