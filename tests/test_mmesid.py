@@ -225,7 +225,8 @@ def test_spectrum_matches_numpy_and_writes_files(tmp_path):
 
 # ---- all stages end to end -------------------------------------------------------------------
 def test_all_stages_end_to_end_on_a_slice(slice_root):
-    from recbole_mm.pipelines.mmesid import run_mmesid
+    from recbole_mm.pipelines.mmesid import export_item_tables, prepare_run
+    from recbole_mm.quick_start import run
 
     config = scientific_slice_config(
         slice_root / "data", **TINY_LLM, train_batch_size=64,
@@ -234,20 +235,25 @@ def test_all_stages_end_to_end_on_a_slice(slice_root):
                        "loss_type": "CE", "train_neg_sample_args": None},
         mmesid_cache_dir=str(slice_root / "cache"), checkpoint_dir=str(slice_root / "saved"),
     )
-    result = run_mmesid("SciSlice", config_dict=config)
+    # one command: SASRec item table -> MM-RQ-VAE -> LLM fine-tuning and full-ranking test
+    result = run("MMESID", "SciSlice", config_dict=config, cmd_args=["--rqvae_epochs=3"])
     assert set(result["test_result"]) == {f"{m}@{k}" for m in ("hit", "ndcg") for k in (5, 10, 20)}
-    sid = torch.load(result["sid_file"], weights_only=True)
-    assert sid["codebooks"]["text"].shape == (2, 8, HIDDEN) and sid["stats"]["joint"]["items"] > 0
-    assert torch.load(result["collab_file"], weights_only=True)["embedding"].shape[1] == 8
-    tables = torch.load(result["tables_file"], weights_only=True)
+
+    cache = sorted(path.name for path in (slice_root / "cache" / "SciSlice").iterdir())
+    assert [name.split("-")[0] for name in cache] == ["collab", "sid"]
+    mtimes = {path: path.stat().st_mtime for path in (slice_root / "cache" / "SciSlice").iterdir()}
+    prepared = prepare_run("SciSlice", config_dict=config, cmd_args=["--rqvae_epochs=3"])  # cached: no recompute
+    assert all(path.stat().st_mtime == mtime for path, mtime in mtimes.items())
+    assert len(list((slice_root / "cache" / "SciSlice").iterdir())) == 2
+
+    sid = torch.load(prepared["mmesid_sid_file"], weights_only=True)
+    assert sid["codebooks"]["text"].shape == (2, 8, HIDDEN) and len(sid["history"]) == 3
+    assert sid["stats"]["joint"]["items"] > 0 and 0 <= sid["stats"]["text"]["collision_rate"] <= 1
+    assert torch.load(prepared["mmesid_collab_file"], weights_only=True)["embedding"].shape[1] == 8
+    tables = torch.load(export_item_tables("SciSlice", result["checkpoint"], config_dict=prepared), weights_only=True)
     assert tables["input_table"].shape[1] == HIDDEN and set(tables["quantized"]) == {"collab", "text", "image"}
 
-    # cached: nothing recomputed; a tokenizer setting changes only the tokenizer file
-    from recbole_mm.pipelines.mmesid import prepare_run
-
-    mtimes = {path: os.path.getmtime(path) for path in (result["collab_file"], result["sid_file"])}
-    again = prepare_run("SciSlice", config_dict=config)
-    assert again["mmesid_sid_file"] == result["sid_file"]
-    assert all(os.path.getmtime(path) == mtime for path, mtime in mtimes.items())
-    changed = prepare_run("SciSlice", config_dict={**config, "rqvae_recon_loss": "mse"})
-    assert changed["mmesid_collab_file"] == result["collab_file"] and changed["mmesid_sid_file"] != result["sid_file"]
+    # a tokenizer setting changes only the tokenizer file
+    changed = prepare_run("SciSlice", config_dict={**config, "rqvae_recon_loss": "mse"}, stop_after="tokenizer")
+    assert changed["mmesid_collab_file"] == prepared["mmesid_collab_file"]
+    assert changed["mmesid_sid_file"] != prepared["mmesid_sid_file"]

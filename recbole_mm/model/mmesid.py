@@ -82,9 +82,9 @@ class MMESID(MultimodalSequentialRecommender):
                              persistent=False)
 
     @staticmethod
-    def prepare_run(dataset, config_file_list=None, config_dict=None):
+    def prepare_run(dataset, config_file_list=None, config_dict=None, cmd_args=()):
         """quick_start hook: produce (or reuse) the stage-1/2 files before this model is built."""
-        return prepare_run(dataset, config_file_list, config_dict)
+        return prepare_run(dataset, config_file_list, config_dict, cmd_args)
 
     # ---- item side --------------------------------------------------------------------------
     def semantic_id_embeddings(self, name, items):

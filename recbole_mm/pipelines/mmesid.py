@@ -16,7 +16,6 @@ Command line (extra ``--key=value`` override config as usual):
     python -m recbole_mm.pipelines.mmesid --dataset=Scientific [--stage=collab|tokenizer|all]
 """
 import argparse
-import contextlib
 import hashlib
 import json
 import sys
@@ -121,18 +120,6 @@ def _plain(value):
     return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
 
 
-@contextlib.contextmanager
-def _without_command_line():
-    """RecBole's Config reads ``--key=value`` from sys.argv; the MMESID run's own command line
-    (epochs, learning rate, ...) must not leak into the collaborative model's run."""
-    argv = sys.argv
-    sys.argv = argv[:1]
-    try:
-        yield
-    finally:
-        sys.argv = argv
-
-
 def cache_directory(config):
     root = config["mmesid_cache_dir"] or Path(config["checkpoint_dir"]) / "mmesid_cache"
     directory = Path(root) / str(config["dataset"])
@@ -159,12 +146,12 @@ def collaborative_stage(config, cache_dir, logger=None):
     from recbole_mm.quick_start import build
 
     logger.info(f"MMESID stage collab: training {config['collab_model']} for item embeddings -> {path}")
-    with _without_command_line():
-        collab_run, (train_data, valid_data, test_data), model, trainer = build(
-            config["collab_model"], config["dataset"], None, collab_config
-        )
-        _, valid_result = trainer.fit(train_data, valid_data, saved=True, show_progress=collab_run["show_progress"])
-        test_result = trainer.evaluate(test_data, load_best_model=True, show_progress=collab_run["show_progress"])
+    # only the shared settings and collab_config: the MMESID run's own epochs, learning rate, ... stay out
+    collab_run, (train_data, valid_data, test_data), model, trainer = build(
+        config["collab_model"], config["dataset"], None, collab_config
+    )
+    _, valid_result = trainer.fit(train_data, valid_data, saved=True, show_progress=collab_run["show_progress"])
+    test_result = trainer.evaluate(test_data, load_best_model=True, show_progress=collab_run["show_progress"])
     if not hasattr(model, "item_embedding"):
         raise RecboleMMError(
             f"collab_model={config['collab_model']} has no item_embedding table; use SASRec (or another "
@@ -259,14 +246,14 @@ def tokenizer_stage(config, cache_dir, collab_path, logger=None):
     return path
 
 
-def prepare_run(dataset, config_file_list=None, config_dict=None, stop_after="llm"):
+def prepare_run(dataset, config_file_list=None, config_dict=None, cmd_args=(), stop_after="llm"):
     """Run (or reuse) stages 1–2 and return ``config_dict`` completed with their files, ready for
     the ``llm`` stage (``quick_start.run('MMESID', ...)`` calls this through ``MMESID.prepare_run``)."""
     from recbole_mm.config import Config
 
     if stop_after not in STAGES:
         raise RecboleMMError(f"stage {stop_after!r} is not one of {STAGES} (or all).")
-    config = Config(model="MMESID", dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
+    config = Config("MMESID", dataset, config_file_list, config_dict, cmd_args)
     cache_dir = cache_directory(config)
     collab_path = collaborative_stage(config, cache_dir)
     prepared = dict(config_dict or {}, mmesid_collab_file=str(collab_path))
@@ -275,12 +262,12 @@ def prepare_run(dataset, config_file_list=None, config_dict=None, stop_after="ll
     return prepared
 
 
-def export_item_tables(dataset, checkpoint, config_file_list=None, config_dict=None, path=None):
+def export_item_tables(dataset, checkpoint, config_file_list=None, config_dict=None, cmd_args=(), path=None):
     """Rebuild a trained MMESID from its checkpoint and save its item matrices (the eq. 16 input
     table, E_x, and each modality's fine-tuned Σ_l E_SID) for ``recbole_mm.embedding_analysis``."""
     from recbole_mm.quick_start import build
 
-    _, (train_data, _, _), model, trainer = build("MMESID", dataset, config_file_list, config_dict)
+    _, (train_data, _, _), model, trainer = build("MMESID", dataset, config_file_list, config_dict, cmd_args)
     trainer.load_model_checkpoint(checkpoint)
     model.eval()
     items = train_data.dataset.field2id_token[train_data.dataset.iid_field]
@@ -294,16 +281,17 @@ def export_item_tables(dataset, checkpoint, config_file_list=None, config_dict=N
     return path
 
 
-def run_mmesid(dataset, config_file_list=None, config_dict=None, saved=True, export_tables=True):
+def run_mmesid(dataset, config_file_list=None, config_dict=None, cmd_args=(), saved=True, export_tables=True):
     """All three stages; returns quick_start's result plus the stage files (and, with
     ``export_tables``, the trained model's item matrices)."""
     from recbole_mm.quick_start import run
 
-    prepared = prepare_run(dataset, config_file_list, config_dict)
-    result = run("MMESID", dataset, config_file_list=config_file_list, config_dict=prepared, saved=saved)
+    prepared = prepare_run(dataset, config_file_list, config_dict, cmd_args)
+    result = run("MMESID", dataset, config_file_list, prepared, saved=saved, cmd_args=cmd_args)
     result.update(collab_file=prepared["mmesid_collab_file"], sid_file=prepared["mmesid_sid_file"])
     if export_tables and saved:
-        result["tables_file"] = str(export_item_tables(dataset, result["checkpoint"], config_file_list, prepared))
+        result["tables_file"] = str(
+            export_item_tables(dataset, result["checkpoint"], config_file_list, prepared, cmd_args))
     return result
 
 
@@ -313,14 +301,14 @@ def main(argv=None):
     parser.add_argument("--config_files", default=None, help="space-separated yaml files")
     parser.add_argument("--stage", default="all", choices=[*STAGES, "all"],
                         help="run the stages up to and including this one (default: all)")
-    args, _ = parser.parse_known_args(argv)
+    args, overrides = parser.parse_known_args(argv)
     files = args.config_files.split() if args.config_files else None
     try:
         if args.stage in ("llm", "all"):
-            result = run_mmesid(args.dataset, files)
+            result = run_mmesid(args.dataset, files, cmd_args=overrides)
             print(f"[recbole-mm] MMESID test={result['test_result']} checkpoint={result['checkpoint']}")
         else:
-            prepared = prepare_run(args.dataset, files, stop_after=args.stage)
+            prepared = prepare_run(args.dataset, files, cmd_args=overrides, stop_after=args.stage)
             print(json.dumps({k: v for k, v in prepared.items() if k.startswith("mmesid_")}, indent=1))
     except RecboleMMError as error:
         print(f"recbole-mm: error: {error}", file=sys.stderr)
