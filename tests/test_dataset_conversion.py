@@ -506,3 +506,39 @@ def test_scripts_run_from_the_command_line(tmp_path):
         done = subprocess.run([sys.executable, "-m", f"dataset_conversion.{script}", "--help"], cwd=root,
                               capture_output=True, text=True)
         assert done.returncode == 0 and "usage" in done.stdout, done.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# UniSRec benchmark format (the real Scientific folder)
+# ----------------------------------------------------------------------------------------------
+def test_unisrec_import_adds_texts_and_keeps_the_hook_mapping(scientific_dir, tmp_path):
+    from dataset_conversion import unisrec
+    from dataset_conversion.encode_features import encode_text_modality
+    from recbole_mm.data.features import FeatureTableSpec, load_feature_table
+
+    dataset_dir, stats = unisrec.convert(scientific_dir, tmp_path)
+    assert stats == {"items": 1585, "items_with_text": 1585}
+    asin_of_row = {int(row): asin for asin, row in
+                   (line.split("\t") for line in (scientific_dir / "Scientific.item2index").read_text().splitlines())}
+    text_of_asin = dict(line.split("\t", 1) for line in (scientific_dir / "Scientific.text").read_text().splitlines()[1:])
+    items = read_item(dataset_dir / "Scientific.item")
+    for row in (0, 1, 777, 1584):
+        assert items.loc[str(row), "asin:token"] == asin_of_row[row]
+        assert items.loc[str(row), "text:token_seq"] == text_of_asin[asin_of_row[row]].strip()
+
+    tokens = ["[PAD]"] + sorted({line.split("\t")[2] for line in
+                                 (scientific_dir / "Scientific.test.inter").read_text().splitlines()[1:]}, key=int)
+    for suffix, name in (("feat1CLS", "text"), ("feat3CLS", "image")):
+        original = load_feature_table(FeatureTableSpec.from_config(name, {"path": f"Scientific.{suffix}", "dim": 512},
+                                                                   scientific_dir),
+                                      tokens, scientific_dir / "Scientific.item2index")[0]
+        imported = load_feature_table(FeatureTableSpec.from_config(name, {"path": f"Scientific.{suffix}", "dim": 512},
+                                                                   dataset_dir),
+                                      tokens, dataset_dir / "Scientific.item2index")[0]
+        assert (original == imported).all() and original[1:].abs().sum() > 0
+
+    features, present = encode_text_modality(dataset_dir, "Scientific", "minilm", "text", HashingTextEncoder(),
+                                             normalize=False, show_progress=False)
+    expected_text = text_of_asin[asin_of_row[777]].strip()
+    assert features[777].tolist() == [len(expected_text), sum(map(ord, expected_text)) % 97, 1.0] and present.all()
+    assert unisrec.convert(scientific_dir, tmp_path)[1] is None  # re-run: nothing to do
