@@ -10,6 +10,8 @@ Accepted raw formats (gzip or plain, one record per line):
   2014 reviews  reviews_<Category>.json.gz / reviews_<Category>_5.json.gz: JSON
   2014 meta     meta_<Category>.json.gz: Python-literal lines (asin, title, brand, price float,
                 categories [[..]], description str, imUrl str)
+  ratings-only  <Category>.csv (2018: item,user,rating,timestamp) / ratings_<Category>.csv (2014:
+                user,item,rating,timestamp; pass --csv_layout 2014), no header; what MMM4Rec starts from
 Every line is parsed as JSON first and as a Python literal second, so either year works with either file.
 
 Pipeline: parse -> drop interactions of items without metadata (default) -> chronological order ->
@@ -57,6 +59,8 @@ TEXT_PRESETS = {
 }
 TEXT_FIELDS = ("title", "brand", "price", "categories", "description")
 ITEM_FIELDS = [(name, "token_seq") for name in TEXT_FIELDS] + [("text", "token_seq"), ("image_url", "token")]
+CSV_2018_COLUMNS = ("item", "user", "rating", "timestamp")
+CSV_2014_COLUMNS = ("user", "item", "rating", "timestamp")
 _PRICE = re.compile(r"^\$?\s?\d[\d,]*(\.\d+)?(\s*-\s*\$?\s?\d[\d,]*(\.\d+)?)?$")
 
 
@@ -146,6 +150,30 @@ def read_reviews(path, report):
     return pd.DataFrame(rows, columns=["user_id", "item_id", "rating", "timestamp"])
 
 
+def read_ratings_csv(path, columns, report):
+    """Ratings-only files: 2018 '<Category>.csv' (item,user,rating,timestamp), 2014 'ratings_<Category>.csv'
+    (user,item,rating,timestamp); no header. ``columns`` names the four columns in file order."""
+    rows = []
+    name = Path(path).name
+    with open_text(path) as handle:
+        for line_number, line in enumerate(handle, 1):
+            parts = line.strip().split(",")
+            if len(parts) != 4:
+                report.add("ratings csv: malformed line (skipped)", f"{name}:{line_number}")
+                continue
+            record = dict(zip(columns, parts))
+            try:
+                timestamp, rating = float(record["timestamp"]), float(record["rating"])
+            except ValueError:
+                report.add("ratings csv: non-numeric rating/timestamp (skipped)", f"{name}:{line_number}")
+                continue
+            if not record["user"] or not record["item"]:
+                report.add("ratings csv: empty user/item (skipped)", f"{name}:{line_number}")
+                continue
+            rows.append((clean_token(record["user"]), clean_token(record["item"]), rating, timestamp))
+    return pd.DataFrame(rows, columns=["user_id", "item_id", "rating", "timestamp"])
+
+
 def clean_token(value):
     return re.sub(r"\s+", "_", str(value).strip())
 
@@ -208,10 +236,12 @@ def convert(
     template=TEXT_PRESETS["fmrlrec"],
     keep_items_without_meta=False,
     force=False,
+    csv_columns=CSV_2018_COLUMNS,
 ):
     """Run the conversion; returns (dataset_dir, stats). Skips the work when the manifest says it is done."""
     dataset_dir = Path(output_dir) / dataset
     text_template = TextTemplate(*template)
+    is_csv = Path(reviews).name.endswith((".csv", ".csv.gz"))
     parameters = {
         "converter": "amazon",
         "reviews": file_stamp(reviews),
@@ -221,6 +251,7 @@ def convert(
         "dedup": dedup,
         "text_template": {"parts": text_template.parts, "separator": text_template.separator},
         "keep_items_without_meta": keep_items_without_meta,
+        "csv_columns": list(csv_columns) if is_csv else None,
     }
     if not force and conversion_is_current(dataset_dir, dataset, parameters):
         log(f"{dataset}: outputs match the manifest, nothing to do (use --force to redo)")
@@ -228,7 +259,7 @@ def convert(
 
     report = BadInputReport()
     metas = read_meta(meta, report)
-    inter = read_reviews(reviews, report)
+    inter = read_ratings_csv(reviews, csv_columns, report) if is_csv else read_reviews(reviews, report)
     stats = {"raw_interactions": len(inter), "raw_meta_items": len(metas)}
 
     has_meta = inter["item_id"].isin(metas.keys()).to_numpy()
@@ -290,7 +321,10 @@ def template_from_args(args):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reviews", required=True, help="reviews file (.json.gz or .json), 2018 or 2014")
+    parser.add_argument("--reviews", required=True,
+                        help="reviews file (.json.gz/.json, 2018 or 2014) or ratings-only .csv/.csv.gz")
+    parser.add_argument("--csv_layout", choices=["2018", "2014"], default="2018",
+                        help="ratings-only csv column order: 2018 item,user,rating,time; 2014 user,item,rating,time")
     parser.add_argument("--meta", required=True, help="metadata file meta_<Category>.json.gz")
     parser.add_argument("--dataset", required=True, help="dataset name, e.g. Office (files are <name>.inter, ...)")
     parser.add_argument("--output_dir", default=str(DEFAULT_DATA_DIR), help="RecBole data_path (default: <project>/dataset)")
@@ -307,7 +341,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     user_k, item_k = (args.k, args.k) if args.k is not None else (args.user_k, args.item_k)
     convert(args.reviews, args.meta, args.dataset, args.output_dir, user_k, item_k, args.dedup,
-            template_from_args(args), args.keep_items_without_meta, args.force)
+            template_from_args(args), args.keep_items_without_meta, args.force,
+            CSV_2018_COLUMNS if args.csv_layout == "2018" else CSV_2014_COLUMNS)
 
 
 if __name__ == "__main__":

@@ -542,3 +542,23 @@ def test_unisrec_import_adds_texts_and_keeps_the_hook_mapping(scientific_dir, tm
     expected_text = text_of_asin[asin_of_row[777]].strip()
     assert features[777].tolist() == [len(expected_text), sum(map(ord, expected_text)) % 97, 1.0] and present.all()
     assert unisrec.convert(scientific_dir, tmp_path)[1] is None  # re-run: nothing to do
+
+
+def test_ratings_only_csv_2018_and_2014_layouts(tmp_path):
+    rows = ground_truth_interactions()
+    write_amazon_2018(tmp_path)  # for the metadata file
+    (tmp_path / "Office_Products.csv").write_text(
+        "".join(f"{i},{u},{r},{t}\n" for u, i, r, t in rows) + "B00ITEM000,AX,not-a-number,5\nonly,three,fields\n")
+    (tmp_path / "ratings_Office_Products.csv").write_text("".join(f"{u},{i},{r},{t}\n" for u, i, r, t in rows))
+    meta = tmp_path / "meta_Office_Products.json.gz"
+    dir18, _ = amazon.convert(tmp_path / "Office_Products.csv", meta, "Csv18", tmp_path / "out")
+    dir14, _ = amazon.convert(tmp_path / "ratings_Office_Products.csv", meta, "Csv14", tmp_path / "out",
+                              csv_columns=amazon.CSV_2014_COLUMNS)
+    valid = [(u, i, r, t, n) for n, (u, i, r, t) in enumerate(rows) if i != NO_META_ITEM]
+    expected = [(u, i, float(t)) for u, i, _, t, _ in sorted(naive_kcore(valid, 5), key=lambda row: (row[0], row[3], row[4]))]
+    for dataset_dir, name in ((dir18, "Csv18"), (dir14, "Csv14")):
+        inter = read_inter(dataset_dir / f"{name}.inter")
+        assert list(zip(inter.user_id, inter.item_id, inter.timestamp.astype(float))) == expected
+    bad = load_manifest(dir18, "Csv18")["conversion"]["bad_input"]
+    assert bad["ratings csv: non-numeric rating/timestamp (skipped)"]["first"] == [f"Office_Products.csv:{len(rows) + 1}"]
+    assert bad["ratings csv: malformed line (skipped)"]["first"] == [f"Office_Products.csv:{len(rows) + 2}"]

@@ -171,6 +171,15 @@ def test_open_clip_image_features_with_missing_and_corrupt_files(ml_slice, tiny_
     assert entry["bad_input"]["no image file (mask False)"]["count"] == len(rows) - len(written) - len(corrupt)
     assert "random weights" in entry["encoder"]
 
+    # --pretrained <local checkpoint>: the same weights loaded from a file give the same features
+    checkpoint = tmp_path / "tiny.pt"
+    torch.save(tiny_open_clip.model.state_dict(), checkpoint)
+    torch.manual_seed(123)  # a fresh random init would differ: the checkpoint must be what is used
+    from_file = load_image_encoder("tiny-vit-test", pretrained=str(checkpoint), backend="open_clip", device="cpu")
+    again, _ = encode_image_modality(dataset_dir, dataset, tmp_path / "images", from_file, show_progress=False)
+    np.testing.assert_allclose(again, features, atol=1e-6)
+    assert load_manifest(dataset_dir, dataset)["features"]["image"]["encoder"].endswith(f"pretrained={checkpoint}")
+
 
 def test_transformers_clip_from_a_local_directory(ml_slice, tmp_path):
     transformers = pytest.importorskip("transformers")
