@@ -11,7 +11,8 @@ backbone (small untrained Llama, full tuning):
   distances on the test split against E_c: quantised collaborative embedding after the MMD / MSE
   RQ-VAE, and the collaborative SID embeddings after fine-tuning with codebook / random init; and
   singular-value spectra (CSV + PNG) of E_c, the eq.-16 input table and E_x.
-  Extra ``--key=value`` go to every MMESID stage (e.g. --epochs=3).
+  Extra ``--key=value`` go to every MMESID stage (e.g. --epochs=3); ``--baseline_KEY=V`` go to the
+  MMSASRec run as ``--KEY=V`` (default 50 epochs, early stopping 5, as the stage-1 SASRec).
 length: LLM input length per test user, MMESID (one token per history item) vs a TIGER-style
   input (L semantic-ID tokens per item), and the decoder forward time of both on one backbone
   (paper Sec. 4.4: N vs N x L), for the CPU default backbone and a larger one.
@@ -59,7 +60,10 @@ VARIANTS = {
 
 
 def worker(stage, out_file, cmd_args):
-    """Run one stage in this process; write its wall time, peak RSS and results as JSON."""
+    """Run one stage in this process; write its wall time, peak RSS and results as JSON.
+    ``--baseline_KEY=V`` is ``--KEY=V`` for the MMSASRec run; every other argument goes to MMESID."""
+    baseline = ["--" + a[len("--baseline_"):] for a in cmd_args if a.startswith("--baseline_")]
+    cmd_args = [a for a in cmd_args if not a.startswith("--baseline_")]
     from recbole_mm.pipelines.mmesid import export_item_tables, prepare_run
     from recbole_mm.quick_start import run
 
@@ -76,7 +80,7 @@ def worker(stage, out_file, cmd_args):
         # same protocol and stopping rule as the SASRec of stage 1 (properties/model/MMESID.yaml collab_config)
         result = run("MMSASRec", DATASET, cmd_args=[
             *[a for a in cmd_args if a.startswith("--checkpoint_dir")], "--metrics=['Hit','NDCG']",
-            "--topk=[5,10,20]", "--epochs=50", "--stopping_step=5", "--train_batch_size=256"])
+            "--topk=[5,10,20]", "--epochs=50", "--stopping_step=5", "--train_batch_size=256", *baseline])
     wall = time.perf_counter() - start
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if stage == "llm":
@@ -99,13 +103,13 @@ def run_variant(name, out_dir, extra):
     return json.loads(out_file.read_text())
 
 
-def stages(out_dir, extra):
+def stages(out_dir, extra, skip=()):
     from recbole_mm.embedding_analysis import behaviour_target_kendall, load_item_matrix, split_sequences, write_spectrum
 
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     extra = [*extra, f"--checkpoint_dir={out_dir / 'saved'}"]
-    records = {name: run_variant(name, out_dir, extra) for name in VARIANTS}
+    records = {name: run_variant(name, out_dir, extra) for name in VARIANTS if name not in skip}
 
     print(f"\nMMESID stages on {DATASET}, CPU default backbone. Machine: {machine_name()}")
     print(f"{'stage':<15}{'wall s':>10}{'peak RSS MB':>14}")
@@ -114,9 +118,10 @@ def stages(out_dir, extra):
 
     collab_file = records["llm"]["result"]["files"]["mmesid_collab_file"]
     sasrec = torch.load(collab_file, weights_only=True)["test_result"]
-    rows = {"SASRec (stage 1)": sasrec, "MMSASRec": records["mmsasrec"]["result"]["test_result"],
-            "MMESID": records["llm"]["result"]["test_result"],
+    rows = {"SASRec (stage 1)": sasrec, "MMESID": records["llm"]["result"]["test_result"],
             "MMESID-random": records["llm-random"]["result"]["test_result"]}
+    if "mmsasrec" in records:
+        rows["MMSASRec"] = records["mmsasrec"]["result"]["test_result"]
     metrics = ["hit@5", "hit@10", "hit@20", "ndcg@5", "ndcg@10", "ndcg@20"]
     print(f"\nTest, full ranking ({DATASET} leave-one-out split)")
     print(f"{'model':<18}" + "".join(f"{m:>10}" for m in metrics))
@@ -205,6 +210,8 @@ def main():
     sub = parser.add_subparsers(dest="command", required=True)
     stage_parser = sub.add_parser("stages")
     stage_parser.add_argument("--out", default=str(PROJECT_ROOT / "saved" / "bench_mmesid"))
+    stage_parser.add_argument("--skip", nargs="*", default=[], choices=list(VARIANTS),
+                              help="leave these runs out (e.g. mmsasrec when time is short)")
     length_parser = sub.add_parser("length")
     length_parser.add_argument("--levels", type=int, default=4)
     length_parser.add_argument("--batch", type=int, default=64)
@@ -216,7 +223,7 @@ def main():
     if args.command == "worker":
         worker(args.stage, args.out_file, extra)
     elif args.command == "stages":
-        stages(args.out, extra)
+        stages(args.out, extra, args.skip)
     else:
         length(args.levels, args.batch, args.repeats)
 
