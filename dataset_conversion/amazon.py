@@ -175,7 +175,7 @@ def read_ratings_csv(path, columns, report):
 
 
 def clean_token(value):
-    return re.sub(r"\s+", "_", str(value).strip())
+    return "_".join(str(value).split())
 
 
 def normalise_meta(record):
@@ -209,8 +209,11 @@ def normalise_meta(record):
     }
 
 
-def read_meta(path, report):
+def read_meta(path, report, wanted):
+    """Normalised metadata of the ASINs in ``wanted`` (a category's metadata file lists many items nobody
+    reviewed; normalising only the reviewed ones saves most of the time)."""
     metas = {}
+    seen = set()
     name = Path(path).name
     for line_number, record in parse_records(path, report, "meta"):
         asin = record.get("asin")
@@ -218,11 +221,13 @@ def read_meta(path, report):
             report.add("meta: no asin (skipped)", f"{name}:{line_number}")
             continue
         asin = clean_token(asin)
-        if asin in metas:
+        if asin in seen:
             report.add("meta: duplicate asin (first record kept)", f"{name}:{line_number}")
             continue
-        metas[asin] = normalise_meta(record)
-    return metas
+        seen.add(asin)
+        if asin in wanted:
+            metas[asin] = normalise_meta(record)
+    return metas, len(seen)
 
 
 def convert(
@@ -258,9 +263,9 @@ def convert(
         return dataset_dir, None
 
     report = BadInputReport()
-    metas = read_meta(meta, report)
     inter = read_ratings_csv(reviews, csv_columns, report) if is_csv else read_reviews(reviews, report)
-    stats = {"raw_interactions": len(inter), "raw_meta_items": len(metas)}
+    metas, n_meta_items = read_meta(meta, report, set(inter["item_id"].unique()))
+    stats = {"raw_interactions": len(inter), "raw_meta_items": n_meta_items}
 
     has_meta = inter["item_id"].isin(metas.keys()).to_numpy()
     for item in inter.loc[~has_meta, "item_id"].unique():
