@@ -241,6 +241,7 @@ def write_atomic_dataset(dataset_dir, dataset, inter, items, item_fields, parame
     write_text(dataset_dir / f"{dataset}.item2index", "".join(f"{token}\t{row}\n" for row, token in enumerate(items.index)))
     outputs = [f"{dataset}.inter", f"{dataset}.item", f"{dataset}.item2index"]
     manifest = load_manifest(dataset_dir, dataset)
+    drop_stale_features(dataset_dir, manifest, sha256_file(dataset_dir / f"{dataset}.item2index"))
     manifest["conversion"] = {
         "parameters": parameters,
         "stats": stats,
@@ -248,6 +249,17 @@ def write_atomic_dataset(dataset_dir, dataset, inter, items, item_fields, parame
         "outputs": hash_outputs(dataset_dir, outputs),
     }
     save_manifest(dataset_dir, dataset, manifest)
+
+
+def drop_stale_features(dataset_dir, manifest, item2index_sha256):
+    """Feature files encoded for another item list would be read with the wrong rows: remove them."""
+    for modality, entry in list(manifest.get("features", {}).items()):
+        if entry.get("key", {}).get("item2index_sha256") == item2index_sha256:
+            continue
+        for name in entry.get("outputs", {}):
+            (Path(dataset_dir) / name).unlink(missing_ok=True)
+        del manifest["features"][modality]
+        log(f"removed the '{modality}' features: the item list changed; re-run encode_features.py")
 
 
 def _format_number(value):

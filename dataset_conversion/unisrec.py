@@ -29,11 +29,13 @@ from dataset_conversion.common import (  # noqa: E402
     BadInputReport,
     clean_field,
     conversion_is_current,
+    drop_stale_features,
     file_stamp,
     hash_outputs,
     load_manifest,
     log,
     save_manifest,
+    sha256_file,
     write_table,
     write_text,
 )
@@ -133,6 +135,7 @@ def convert(source, output_dir=DEFAULT_DATA_DIR, dataset=None, copy=False, force
 
     outputs = [f"{dataset}.{name}" for name in ("item", "asin2index", "item2index")] + [f"{dataset}.{s}" for s in carried]
     manifest = load_manifest(dataset_dir, dataset)
+    drop_stale_features(dataset_dir, manifest, sha256_file(dataset_dir / f"{dataset}.item2index"))
     stats = {"items": n_items, "items_with_text": sum(1 for asin in asin_rows if texts.get(asin))}
     manifest["conversion"] = {"parameters": parameters, "stats": stats, "bad_input": report.as_dict(),
                               "outputs": hash_outputs(dataset_dir, outputs)}

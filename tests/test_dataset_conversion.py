@@ -21,7 +21,6 @@ from dataset_conversion import amazon, movielens
 from dataset_conversion.common import (
     BadInputReport,
     atomic_path,
-    chronological,
     kcore_filter,
     kcore_filter_reference,
     load_manifest,
@@ -562,3 +561,17 @@ def test_ratings_only_csv_2018_and_2014_layouts(tmp_path):
     bad = load_manifest(dir18, "Csv18")["conversion"]["bad_input"]
     assert bad["ratings csv: non-numeric rating/timestamp (skipped)"]["first"] == [f"Office_Products.csv:{len(rows) + 1}"]
     assert bad["ratings csv: malformed line (skipped)"]["first"] == [f"Office_Products.csv:{len(rows) + 2}"]
+
+
+def test_reconversion_with_another_item_list_removes_stale_features(tmp_path):
+    from dataset_conversion.encode_features import encode_text_modality
+
+    dataset_dir, _, _ = movielens.convert("ml-100k", output_dir=tmp_path, max_users=3)
+    encode_text_modality(dataset_dir, "ml-100k-mm", "text", "title", HashingTextEncoder(), show_progress=False)
+    assert (dataset_dir / "ml-100k-mm.text.npy").exists()
+    movielens.convert("ml-100k", output_dir=tmp_path, max_users=3, force=True)  # same items: features stay
+    assert "text" in load_manifest(dataset_dir, "ml-100k-mm")["features"]
+    movielens.convert("ml-100k", output_dir=tmp_path, max_users=4)  # more items: old rows would be wrong
+    assert not (dataset_dir / "ml-100k-mm.text.npy").exists()
+    assert not (dataset_dir / "ml-100k-mm.text.mask.npy").exists()
+    assert load_manifest(dataset_dir, "ml-100k-mm")["features"] == {}
