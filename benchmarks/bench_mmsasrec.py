@@ -11,9 +11,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine_description, train_in_fresh_process  # noqa: E402
+from recbole_mm.measure import machine_description, measured_run_in_fresh_process  # noqa: E402
 
 
 def main():
@@ -31,19 +30,20 @@ def main():
         "stopping_step": args.stopping_step, "seed": args.seed, "show_progress": False,
         "train_batch_size": 2048, "eval_batch_size": 4096, "learning_rate": 0.001,
     }
-    rows = [train_in_fresh_process(model, args.dataset, shared) for model in args.models]
-    base = next((row for row in rows if row.get("model") == "SASRec" and "error" not in row), None)
+    rows = [{"model": model, **measured_run_in_fresh_process(model, args.dataset, config_dict=shared)}
+            for model in args.models]
+    base = next((row for row in rows if row["model"] == "SASRec" and row["status"] == "ok"), None)
     print(f"\n{args.dataset}, hidden_size={args.hidden_size}, machine: {machine_description()}\n")
     print("| model | params | s/epoch | x SASRec | peak RSS MiB | epochs | test Recall@10 | test NDCG@10 |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
-        if "error" in row:
+        if row["status"] != "ok":
             print(f"| {row['model']} | failed: {row['error']} |")
             continue
         ratio = row["seconds_per_epoch"] / base["seconds_per_epoch"] if base else float("nan")
         print(f"| {row['model']} | {row['parameters']:,} | {row['seconds_per_epoch']:.2f} | {ratio:.2f} | "
-              f"{row['peak_rss_mib']:.0f} | {row['epochs']} | {row['test']['recall@10']:.4f} | "
-              f"{row['test']['ndcg@10']:.4f} |")
+              f"{row['peak_rss_mib']:.0f} | {row['epochs']} | {row['test_result']['recall@10']:.4f} | "
+              f"{row['test_result']['ndcg@10']:.4f} |")
 
 
 if __name__ == "__main__":

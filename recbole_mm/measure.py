@@ -1,0 +1,144 @@
+"""Measured training runs: one model on one dataset through ``recbole_mm.quick_start``, recording
+test/valid metrics, trainable parameters, seconds per training epoch, epochs to the best validation
+score and peak memory; optionally in a fresh process, so that peak memory is the run's own.
+
+Used by ``recbole_mm.experiments`` (side-by-side tables) and the scripts in ``benchmarks/``.
+"""
+import hashlib
+import json
+import multiprocessing
+import platform
+import queue as queue_module
+import resource
+import time
+import traceback
+
+import torch
+
+from recbole_mm.compat import plain_config
+
+
+def machine_description():
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as file:
+            cpu = next(line.split(":", 1)[1].strip() for line in file if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    device = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
+    return f"{cpu}, {torch.get_num_threads()} torch threads{device}, torch {torch.__version__}"
+
+
+def effective_config(model, dataset, config_file_list=None, config_dict=None, cmd_args=()):
+    """The run's final configuration as plain data (what a checkpoint stores)."""
+    from recbole_mm.config import Config
+
+    return plain_config(Config(model, dataset, config_file_list, config_dict, cmd_args))
+
+
+# Keys that say where or how a run executes, not what it computes: left out of the config hash
+# so that a results store stays valid when moved between machines or working directories.
+PLACEMENT_KEYS = ("checkpoint_dir", "device", "gpu_id", "use_gpu", "show_progress", "state", "data_path",
+                  "local_rank", "single_spec", "log_wandb", "wandb_project", "worker")
+
+
+def config_hash(config):
+    """Short stable hash of an effective config (a plain dict), placement keys excluded."""
+    kept = {key: value for key, value in config.items() if key not in PLACEMENT_KEYS}
+    text = json.dumps(kept, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+
+
+def measured_run(model, dataset, config_file_list=None, config_dict=None, cmd_args=(), saved=True):
+    """Train with early stopping, test the best checkpoint (as ``quick_start.run`` does) and return
+    the results with measurements. Peak RSS is this process's maximum so far."""
+    from recbole_mm.quick_start import build
+    from recbole_mm.utils import get_model
+
+    model_class = get_model(model) if isinstance(model, str) else model
+    if hasattr(model_class, "prepare_run"):
+        config_dict = model_class.prepare_run(dataset, config_file_list, config_dict, cmd_args)
+    config, (train_data, valid_data, test_data), model_obj, trainer = build(
+        model, dataset, config_file_list, config_dict, cmd_args
+    )
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    epoch_seconds, best_epoch = [], [None]
+    train_epoch = trainer._train_epoch
+
+    def timed_train_epoch(*args, **kwargs):
+        start = time.perf_counter()
+        result = train_epoch(*args, **kwargs)
+        epoch_seconds.append(time.perf_counter() - start)
+        return result
+
+    def note_best(epoch_idx, valid_score):
+        # RecBole's early stopping resets cur_step to 0 exactly when this validation is the new best
+        if trainer.cur_step == 0:
+            best_epoch[0] = epoch_idx + 1
+
+    trainer._train_epoch = timed_train_epoch
+    if config["resume"]:
+        trainer.resume_checkpoint(config["resume"])
+    best_valid_score, best_valid_result = trainer.fit(
+        train_data, valid_data, saved=saved, show_progress=config["show_progress"], callback_fn=note_best
+    )
+    test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
+    return {
+        "model": config["model"],
+        "dataset": config["dataset"],
+        "seed": config["seed"],
+        "best_valid_score": float(best_valid_score),
+        "valid_score_bigger": config["valid_metric_bigger"],
+        "best_valid_result": {key: float(value) for key, value in dict(best_valid_result or {}).items()},
+        "test_result": {key: float(value) for key, value in dict(test_result).items()},
+        "parameters": sum(p.numel() for p in model_obj.parameters() if p.requires_grad),
+        "parameters_total": sum(p.numel() for p in model_obj.parameters()),
+        "epochs": len(epoch_seconds),
+        "seconds_per_epoch": sum(epoch_seconds) / len(epoch_seconds) if epoch_seconds else None,
+        "epochs_to_best": best_epoch[0],
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+        "checkpoint": trainer.saved_model_file if saved else None,
+    }
+
+
+def _measured_run_worker(kwargs, queue):
+    try:
+        queue.put({"status": "ok", **measured_run(**kwargs)})
+    except BaseException as error:  # reported by the parent, which carries on with the other runs
+        queue.put({"status": "failed", "error": f"{type(error).__name__}: {error}",
+                   "traceback": traceback.format_exc()})
+
+
+def measured_run_in_fresh_process(model, dataset, config_file_list=None, config_dict=None, cmd_args=(),
+                                  saved=True, timeout=None):
+    """``measured_run`` in a spawned process (its own peak RSS; a crash cannot take the caller down).
+
+    Never raises for a failed run: returns ``{"status": "failed", "error": ...}`` instead, also when
+    the process dies without reporting (killed, out of memory) or exceeds ``timeout`` seconds.
+    """
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    kwargs = dict(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict,
+                  cmd_args=list(cmd_args), saved=saved)
+    process = context.Process(target=_measured_run_worker, args=(kwargs, queue))
+    start = time.monotonic()
+    process.start()
+    result = None
+    while result is None:
+        try:
+            result = queue.get(timeout=1.0)
+        except queue_module.Empty:
+            if not process.is_alive():
+                # the result may have been put just before the process exited
+                try:
+                    result = queue.get(timeout=1.0)
+                except queue_module.Empty:
+                    result = {"status": "failed",
+                              "error": f"the run's process exited with code {process.exitcode} without a result"}
+            elif timeout is not None and time.monotonic() - start > timeout:
+                process.kill()
+                result = {"status": "failed", "error": f"timed out after {timeout:.0f} s"}
+    process.join()
+    return result
