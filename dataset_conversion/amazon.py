@@ -35,11 +35,11 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dataset_conversion.common import (  # noqa: E402
-    DEFAULT_DATA_DIR,
     BadInputReport,
     chronological,
     clean_field,
     conversion_is_current,
+    default_data_dir,
     dedup_interactions,
     file_stamp,
     kcore_filter,
@@ -234,7 +234,7 @@ def convert(
     reviews,
     meta,
     dataset,
-    output_dir,
+    output_dir=None,
     user_k=5,
     item_k=5,
     dedup=False,
@@ -244,7 +244,7 @@ def convert(
     csv_columns=CSV_2018_COLUMNS,
 ):
     """Run the conversion; returns (dataset_dir, stats). Skips the work when the manifest says it is done."""
-    dataset_dir = Path(output_dir) / dataset
+    dataset_dir = Path(output_dir or default_data_dir()) / dataset
     text_template = TextTemplate(*template)
     is_csv = Path(reviews).name.endswith((".csv", ".csv.gz"))
     parameters = {
@@ -332,7 +332,7 @@ def main(argv=None):
                         help="ratings-only csv column order: 2018 item,user,rating,time; 2014 user,item,rating,time")
     parser.add_argument("--meta", required=True, help="metadata file meta_<Category>.json.gz")
     parser.add_argument("--dataset", required=True, help="dataset name, e.g. Office (files are <name>.inter, ...)")
-    parser.add_argument("--output_dir", default=str(DEFAULT_DATA_DIR), help="RecBole data_path (default: <project>/dataset)")
+    parser.add_argument("--output_dir", default=None, help="RecBole data_path (default: $RECBOLE_MM_DATA, else <project>/dataset)")
     parser.add_argument("--k", type=int, default=None, help="k-core for both users and items (default 5)")
     parser.add_argument("--user_k", type=int, default=5)
     parser.add_argument("--item_k", type=int, default=5)

@@ -23,8 +23,12 @@ import numpy as np
 import pandas as pd
 
 MANIFEST_VERSION = 1
-# properties/dataset/<converted>.yaml say data_path: dataset, which recbole_mm.config resolves here.
-DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent / "dataset"
+
+
+def default_data_dir():
+    """Where a run looks for a converted dataset when nothing else is said: recbole_mm.config resolves the
+    converted datasets' yaml "data_path: dataset" to <project>/dataset, and $RECBOLE_MM_DATA overrides both."""
+    return Path(os.environ.get("RECBOLE_MM_DATA") or Path(__file__).resolve().parent.parent / "dataset")
 INTER_HEADER = ["user_id:token", "item_id:token", "rating:float", "timestamp:float"]
 
 

@@ -22,11 +22,11 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dataset_conversion.common import (  # noqa: E402
-    DEFAULT_DATA_DIR,
     BadInputReport,
     chronological,
     clean_field,
     conversion_is_current,
+    default_data_dir,
     dedup_interactions,
     file_stamp,
     kcore_filter,
@@ -130,7 +130,7 @@ def read_raw(source, raw_dir, report):
     )
 
 
-def convert(source="ml-100k", raw_dir=None, output_dir=DEFAULT_DATA_DIR, dataset=None, user_k=0, item_k=0,
+def convert(source="ml-100k", raw_dir=None, output_dir=None, dataset=None, user_k=0, item_k=0,
             dedup=False, max_users=None, force=False):
     """Atomic files for MovieLens; returns (dataset_dir, dataset name, stats or None when already current).
 
@@ -142,7 +142,7 @@ def convert(source="ml-100k", raw_dir=None, output_dir=DEFAULT_DATA_DIR, dataset
     dataset = dataset or f"{source}-mm"
     if dataset == "ml-100k":
         raise ValueError("dataset name 'ml-100k' is special-cased by RecBole (it reads its bundled copy); pick another")
-    dataset_dir = Path(output_dir) / dataset
+    dataset_dir = Path(output_dir or default_data_dir()) / dataset
     report = BadInputReport()
     (inter, movies), files = read_raw(source, raw_dir, report)
     parameters = {
@@ -201,7 +201,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", choices=["ml-100k", "ml-1m"], help="which MovieLens release")
     parser.add_argument("--raw_dir", help="unpacked archive (default for ml-100k: the copy inside recbole)")
-    parser.add_argument("--output_dir", default=str(DEFAULT_DATA_DIR), help="RecBole data_path (default: <project>/dataset)")
+    parser.add_argument("--output_dir", default=None, help="RecBole data_path (default: $RECBOLE_MM_DATA, else <project>/dataset)")
     parser.add_argument("--dataset", help="output dataset name (default: <source>-mm)")
     parser.add_argument("--user_k", type=int, default=0)
     parser.add_argument("--item_k", type=int, default=0)

@@ -25,10 +25,10 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dataset_conversion.common import (  # noqa: E402
-    DEFAULT_DATA_DIR,
     BadInputReport,
     clean_field,
     conversion_is_current,
+    default_data_dir,
     drop_stale_features,
     file_stamp,
     hash_outputs,
@@ -86,11 +86,11 @@ def check_inter_tokens(path, n_items, report):
                            f"{path.name}:{line_number}")
 
 
-def convert(source, output_dir=DEFAULT_DATA_DIR, dataset=None, copy=False, force=False):
+def convert(source, output_dir=None, dataset=None, copy=False, force=False):
     source = Path(source)
     source_name = source.name
     dataset = dataset or source_name
-    dataset_dir = Path(output_dir) / dataset
+    dataset_dir = Path(output_dir or default_data_dir()) / dataset
     index_path = source / f"{source_name}.item2index"
     if not index_path.exists():
         raise FileNotFoundError(f"{index_path} not found: --source must be a UniSRec-format folder <Name>/<Name>.item2index")
@@ -149,7 +149,7 @@ def convert(source, output_dir=DEFAULT_DATA_DIR, dataset=None, copy=False, force
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", required=True, help="UniSRec-format folder, e.g. ../shared/datasets/Scientific")
-    parser.add_argument("--output_dir", default=str(DEFAULT_DATA_DIR), help="RecBole data_path (default: <project>/dataset)")
+    parser.add_argument("--output_dir", default=None, help="RecBole data_path (default: $RECBOLE_MM_DATA, else <project>/dataset)")
     parser.add_argument("--dataset", help="output name (default: the source folder name)")
     parser.add_argument("--copy", action="store_true", help="copy the source files instead of symlinking them")
     parser.add_argument("--force", action="store_true")

@@ -575,3 +575,17 @@ def test_reconversion_with_another_item_list_removes_stale_features(tmp_path):
     assert not (dataset_dir / "ml-100k-mm.text.npy").exists()
     assert not (dataset_dir / "ml-100k-mm.text.mask.npy").exists()
     assert load_manifest(dataset_dir, "ml-100k-mm")["features"] == {}
+
+
+@pytest.mark.parametrize("dataset", ["Office", "ml-100k-mm", "ml-1m-mm"])
+def test_default_output_dir_is_where_a_run_looks(dataset, monkeypatch):
+    from dataset_conversion.common import default_data_dir
+    from recbole_mm.config import Config
+
+    monkeypatch.delenv("RECBOLE_MM_DATA", raising=False)
+    config = Config(model="SASRec", dataset=dataset, config_dict={"modalities": []})
+    assert Path(config["data_path"]) == default_data_dir() / dataset
+    assert default_data_dir() == Path(__file__).resolve().parent.parent / "dataset"
+    monkeypatch.setenv("RECBOLE_MM_DATA", "/elsewhere")
+    config = Config(model="SASRec", dataset=dataset, config_dict={"modalities": []})
+    assert Path(config["data_path"]) == default_data_dir() / dataset == Path("/elsewhere") / dataset
