@@ -2,7 +2,7 @@
 
     python benchmarks/bench_speeder.py efficiency [--lengths 5 10 20 40] [--batch 16] [--repeats 3]
         [--llm_hidden_size 256 --llm_num_layers 4 --llm_num_heads 4]
-    python benchmarks/bench_speeder.py accuracy [--stage_epochs 1 1 2] [--sasrec_epochs 30]
+    python benchmarks/bench_speeder.py accuracy [--stage_epochs 1 1 2] [--sasrec_epochs 30] [--n_users 1000]
 
 efficiency: on ONE backbone (a Llama built from the given sizes, random weights: timings do not
 depend on weights) and one word-level tokenizer covering both prompt styles, per history length n
@@ -193,20 +193,24 @@ def efficiency(args):
 
 def accuracy(args):
     common = {"metrics": ["HR", "ValidRatio", "VHR"], "topk": [1], "valid_metric": "VHR@1", "show_progress": False,
-              "num_candidates": 5, "candidate_seed": 2020, "checkpoint_dir": args.checkpoint_dir}
+              "num_candidates": 5, "candidate_seed": 2020, "checkpoint_dir": args.checkpoint_dir,
+              "id_sasrec": {"hidden_size": 64, "inner_size": 256, "n_layers": 2, "n_heads": 2,
+                            "epochs": args.id_sasrec_epochs, "learning_rate": 0.001, "train_batch_size": 256}}
+    dataset = "Scientific"
+    if args.n_users:  # the first n_users users of Scientific (benchmark format, full feature tables)
+        from tests.conftest import scientific_slice_config, write_scientific_slice
+
+        root = Path(tempfile.mkdtemp(prefix="bench_speeder_"))
+        write_scientific_slice(default_data_path() / "Scientific", root, n_users=args.n_users)
+        slice_config = scientific_slice_config(root, hidden_size=64, inner_size=256)
+        for key in ("epochs", "train_batch_size", "eval_batch_size"):  # the models' own yaml values
+            del slice_config[key]
+        common.update(slice_config)
+        dataset = "SciSlice"
     results = []
-    for model_name, extra in (("SASRec", {"epochs": args.sasrec_epochs, "stopping_step": 5}),
-                              ("MMSASRec", {"epochs": args.sasrec_epochs, "stopping_step": 5})):
-        start = time.perf_counter()
-        config, (train, valid, test), model, trainer = build(model_name, "Scientific", config_dict={**common, **extra})
-        trainer = with_candidate_protocol(type(trainer))(config, model)
-        trainer.fit(train, valid, saved=True, show_progress=False)
-        result = trainer.evaluate(test, load_best_model=True)
-        results.append((model_name, "rank", result, time.perf_counter() - start))
-        print(results[-1], flush=True)
     start = time.perf_counter()
     config, (train, valid, test), model, trainer = build(
-        "Speeder", "Scientific", config_dict={**common, "stage_epochs": args.stage_epochs}
+        "Speeder", dataset, config_dict={**common, "stage_epochs": args.stage_epochs}
     )
     trainer.fit(train, valid, saved=True, show_progress=False)
     result = trainer.evaluate(test, load_best_model=True)
@@ -215,7 +219,19 @@ def accuracy(args):
     model.inference = "generate"
     start = time.perf_counter()
     results.append(("Speeder", "generate", trainer.evaluate(test, load_best_model=False), time.perf_counter() - start))
-    print(f"Candidate protocol on Scientific test (5 candidates, seed 2020); machine: {machine_name()}")
+    print(results[-1], flush=True)
+    for model_name in args.baselines:
+        start = time.perf_counter()
+        config, (train, valid, test), model, trainer = build(
+            model_name, dataset, config_dict={**common, "epochs": args.sasrec_epochs, "stopping_step": 5, "train_batch_size": 256}
+        )
+        trainer = with_candidate_protocol(type(trainer))(config, model)
+        trainer.fit(train, valid, saved=True, show_progress=False)
+        result = trainer.evaluate(test, load_best_model=True)
+        results.append((model_name, "rank", result, time.perf_counter() - start))
+        print(results[-1], flush=True)
+    users = f"first {args.n_users} users of Scientific" if args.n_users else "Scientific"
+    print(f"Candidate protocol, test split of {users} (5 candidates, seed 2020); machine: {machine_name()}")
     print(f"Speeder: stage_epochs {args.stage_epochs}, CPU default backbone (untrained Llama, Speeder.yaml sizes)")
     print("| model | answer | HR@1 | ValidRatio | VHR@1 | wall s |")
     print("|---|---|---|---|---|---|")
@@ -236,6 +252,9 @@ def main():
     acc = sub.add_parser("accuracy")
     acc.add_argument("--stage_epochs", type=int, nargs=3, default=[1, 1, 2])
     acc.add_argument("--sasrec_epochs", type=int, default=30)
+    acc.add_argument("--baselines", nargs="*", default=["SASRec", "MMSASRec"])
+    acc.add_argument("--id_sasrec_epochs", type=int, default=5)
+    acc.add_argument("--n_users", type=int, default=0, help="use only the first n users (0 = all)")
     acc.add_argument("--checkpoint_dir", default=os.path.join(tempfile.gettempdir(), "bench_speeder_saved"))
     args = parser.parse_args()
     efficiency(args) if args.command == "efficiency" else accuracy(args)
