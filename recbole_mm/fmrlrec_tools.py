@@ -5,8 +5,7 @@ parameters against independently trained models (paper section 6.2-6.3, Fig. 3-4
     python -m recbole_mm.fmrlrec_tools extract  --checkpoint saved/FMRLRec-X.pth --size 64 --output saved/FMRLRec-64.pth
     python -m recbole_mm.fmrlrec_tools params   --checkpoint saved/FMRLRec-X.pth
 
-Any further ``--key=value`` overrides the checkpoint's config (e.g. ``--data_path=...``); RecBole's
-Config reads them from the command line, as in ``run_recbole_mm.py``.
+Any further ``--key=value`` overrides the checkpoint's config (e.g. ``--data_path=...``).
 An extracted checkpoint is an ordinary FMRLRec checkpoint (hidden_size = size) written by the
 trainer's own checkpoint code: ``evaluate`` runs it like any other, and a training run can start
 from it with ``--resume`` (its config must then name the same hidden_size and mrl_sizes).
@@ -131,25 +130,24 @@ def parameter_table(rows: Sequence[Dict[str, int]]) -> str:
 
 
 # ----- checkpoints ---------------------------------------------------------------------------
-def config_from_checkpoint(saved: dict, overrides: Optional[dict] = None):
+def config_from_checkpoint(saved: dict, cmd_args: Sequence[str] = ()):
     """Rebuild the run's Config: defaults of the saved model/dataset plus every saved value that
-    differs from them (the run's own settings), then ``overrides``."""
-    overrides = dict(overrides or {})
+    differs from them (the run's own settings), then the ``--key=value`` strings ``cmd_args``."""
     model, dataset = saved.get("model"), saved.get("dataset")
     if model != "FMRLRec":
         raise RecboleMMError(f"fmrlrec_tools: the checkpoint was written by model '{model}', not FMRLRec.")
-    defaults = plain_config(Config(model=model, dataset=dataset, config_dict=overrides))
+    defaults = plain_config(Config(model=model, dataset=dataset, cmd_args=cmd_args))
     run_settings = {
         key: value for key, value in saved.items()
         if key not in DERIVED_CONFIG_KEYS and defaults.get(key) != value
     }
-    return Config(model=model, dataset=dataset, config_dict={**run_settings, **overrides})
+    return Config(model=model, dataset=dataset, config_dict=run_settings, cmd_args=cmd_args)
 
 
-def load_run(checkpoint_path: str, overrides: Optional[dict] = None):
+def load_run(checkpoint_path: str, cmd_args: Sequence[str] = ()):
     """(config, (train, valid, test) loaders, model with the checkpoint's weights, checkpoint)."""
     checkpoint = load_checkpoint(checkpoint_path)
-    config = config_from_checkpoint(checkpoint.get("config", {}), overrides)
+    config = config_from_checkpoint(checkpoint.get("config", {}), cmd_args)
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
     dataset = create_dataset(config)
@@ -159,9 +157,9 @@ def load_run(checkpoint_path: str, overrides: Optional[dict] = None):
     return config, loaders, model, checkpoint
 
 
-def save_submodel(checkpoint_path: str, size: int, output_path: str, overrides: Optional[dict] = None) -> FMRLRec:
+def save_submodel(checkpoint_path: str, size: int, output_path: str, cmd_args: Sequence[str] = ()) -> FMRLRec:
     """Write the standalone size-``size`` model of a trained FMRLRec as a regular checkpoint."""
-    config, (train_data, _, _), model, checkpoint = load_run(checkpoint_path, overrides)
+    config, (train_data, _, _), model, checkpoint = load_run(checkpoint_path, cmd_args)
     small = extract_submodel(model, config, train_data.dataset, size)
     small_config = submodel_config(config, size)
     trainer = get_trainer(small_config["MODEL_TYPE"], "FMRLRec")(small_config, small)
@@ -184,15 +182,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     extract.add_argument("--output", required=True)
     params = commands.add_parser("params", help="parameter accounting vs independent models")
     params.add_argument("--checkpoint", required=True)
-    # --key=value arguments are config overrides: RecBole's Config reads them from the command line.
-    args, _ = parser.parse_known_args(argv)
+    args, cmd_args = parser.parse_known_args(argv)  # the rest: --key=value config overrides
     try:
         if args.command == "extract":
-            small = save_submodel(args.checkpoint, args.size, args.output)
+            small = save_submodel(args.checkpoint, args.size, args.output, cmd_args)
             print(f"wrote {args.output}: FMRLRec hidden_size={args.size}, mrl_sizes={small.mrl_sizes}, "
                   f"{count_parameters(small):,} parameters")
             return 0
-        config, (train_data, valid_data, test_data), model, _ = load_run(args.checkpoint)
+        config, (train_data, valid_data, test_data), model, _ = load_run(args.checkpoint, cmd_args)
         if args.command == "params":
             print(parameter_table(parameter_accounting(config, train_data.dataset)))
             return 0

@@ -170,9 +170,10 @@ def test_bad_config_is_rejected():
         extract_submodel(model, config, dataset, 12)
 
 
-def test_one_epoch_cli_run_extract_and_evaluate(scientific_dir, tmp_path):
+def test_one_epoch_cli_run_extract_and_evaluate(scientific_dir, in_tmp_cwd):
     """run_recbole_mm.py trains 1 epoch on Scientific; the extracted sub-model's checkpoint runs on
     its own and scores exactly like the full model's slice."""
+    tmp_path = in_tmp_cwd
     checkpoint_dir = tmp_path / "saved"
     command = [
         sys.executable, str(PROJECT / "run_recbole_mm.py"), "--model=FMRLRec", "--dataset=Scientific",
@@ -186,7 +187,7 @@ def test_one_epoch_cli_run_extract_and_evaluate(scientific_dir, tmp_path):
 
     from recbole_mm.fmrlrec_tools import evaluate_sizes, load_run, save_submodel
 
-    overrides = {"data_path": str(scientific_dir.parent)}
+    overrides = [f"--data_path={scientific_dir.parent}"]
     config, (_, _, test_data), model, _ = load_run(str(checkpoint), overrides)
     per_size = evaluate_sizes(model, test_data, config)
     assert [len(r) for r in per_size] == [4, 4]  # sizes 8, 16 x Recall/NDCG @10/@20

@@ -20,6 +20,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from recbole_mm.model.layers.matryoshka import MatryoshkaLinear, check_nested_sizes
 
@@ -48,9 +49,8 @@ def linear_recurrence_parallel(decay: torch.Tensor, inputs: torch.Tensor) -> tor
     offset = 1
     length = inputs.shape[1]
     while offset < length:
-        states = torch.cat(
-            [states[:, :offset], states[:, offset:] + decay_power * states[:, :-offset]], dim=1
-        )
+        # shift right by ``offset`` (zeros enter at the front): one slice, so one gradient buffer
+        states = states + decay_power * F.pad(states[:, :-offset], (0, 0, offset, 0))
         decay_power = decay_power * decay_power
         offset *= 2
     return states

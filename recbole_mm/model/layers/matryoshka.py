@@ -12,6 +12,7 @@ from typing import Dict, List, Sequence
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 
 def check_nested_sizes(sizes: Sequence[int], name: str = "mrl_sizes") -> List[int]:
@@ -32,7 +33,7 @@ def chunk_bounds(sizes: Sequence[int]) -> List[tuple]:
 
 
 class MatryoshkaLinear(nn.Module):
-    r"""The fMRL operator (paper eq. 3-5): ``y = x (P \odot W) + b`` stored without the mask.
+    r"""The fMRL operator (paper eq. 3-5): ``y = x (P \odot W) + b``, stored without the mask.
 
     Output chunk ``j`` (dims ``[out_sizes[j-1], out_sizes[j])``) is one small ``nn.Linear`` that
     reads input dims ``[0, in_sizes[j])``, which is the non-zero block of the paper's mask ``P``.
@@ -63,14 +64,32 @@ class MatryoshkaLinear(nn.Module):
     def out_features(self) -> int:
         return self.out_sizes[-1]
 
+    def masked_weight(self) -> torch.Tensor:
+        """The dense ``P \\odot W`` of eq. 5: each chunk's weight, zero-padded to the full input width."""
+        return torch.cat(
+            [F.pad(chunk.weight, (0, self.in_features - in_size)) for chunk, in_size in zip(self.chunks, self.in_sizes)],
+            dim=0,
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """One GEMM with the masked dense weight (eq. 5): faster than a loop of small GEMMs,
+        whose sliced inputs and concatenated outputs cost more than the masked zeros."""
+        self._check_input(x)
+        bias = None if self.chunks[0].bias is None else torch.cat([chunk.bias for chunk in self.chunks])
+        return F.linear(x, self.masked_weight(), bias)
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """Eq. 3 literally: output chunk ``j`` = chunk ``j``'s Linear on the input prefix ``[0, in_sizes[j])``."""
+        self._check_input(x)
+        return torch.cat(
+            [chunk(x[..., :in_size]) for chunk, in_size in zip(self.chunks, self.in_sizes)], dim=-1
+        )
+
+    def _check_input(self, x: torch.Tensor) -> None:
         if x.shape[-1] != self.in_features:
             raise ValueError(
                 f"MatryoshkaLinear expects {self.in_features} input features, got {x.shape[-1]}."
             )
-        return torch.cat(
-            [chunk(x[..., :in_size]) for chunk, in_size in zip(self.chunks, self.in_sizes)], dim=-1
-        )
 
 
 class MatryoshkaLayerNorm(nn.Module):
@@ -80,11 +99,28 @@ class MatryoshkaLayerNorm(nn.Module):
     def __init__(self, sizes: Sequence[int], eps: float = 1e-5):
         super().__init__()
         self.sizes = check_nested_sizes(sizes)
-        self.chunks = nn.ModuleList(
-            nn.LayerNorm(end - start, eps=eps) for start, end in chunk_bounds(self.sizes)
-        )
+        self.eps = eps
+        self.chunks = nn.ModuleList(nn.LayerNorm(end - start, eps=eps) for start, end in chunk_bounds(self.sizes))
+        # membership[j, c] = 1 / width_j if dim c lies in chunk j: x @ membership.T gives chunk means.
+        membership = torch.zeros(len(self.sizes), self.sizes[-1])
+        for j, (start, end) in enumerate(chunk_bounds(self.sizes)):
+            membership[j, start:end] = 1.0 / (end - start)
+        self.register_buffer("membership", membership, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """All chunks at once: chunk means and variances by two thin GEMMs, broadcast back with
+        the 0/1 pattern; avoids slicing the activations into per-chunk copies."""
+        membership = self.membership.to(x.dtype)
+        spread = (membership > 0).to(x.dtype)
+        centered = x - (x @ membership.T) @ spread
+        variance = (centered * centered) @ membership.T
+        normalised = centered * (torch.rsqrt(variance + self.eps) @ spread)
+        weight = torch.cat([chunk.weight for chunk in self.chunks])
+        bias = torch.cat([chunk.bias for chunk in self.chunks])
+        return normalised * weight + bias
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """One ``nn.LayerNorm`` per chunk slice, concatenated."""
         return torch.cat(
             [norm(x[..., start:end]) for norm, (start, end) in zip(self.chunks, chunk_bounds(self.sizes))],
             dim=-1,
