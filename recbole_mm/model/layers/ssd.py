@@ -85,6 +85,8 @@ def _compute_dtype(x):
 
 def _groups_to_heads(BC, heads):
     """(b, L, g, n) -> (b, L, heads, n): head h reads group h // (heads // g)."""
+    if BC.shape[2] == heads:
+        return BC
     return BC.repeat_interleave(heads // BC.shape[2], dim=2)
 
 
@@ -227,6 +229,8 @@ def ssd(x, delta, A, B, C, D=None, chunk_size=32, impl="auto"):
     if impl == "torch_quadratic":
         return ssd_quadratic(x, delta, A, B, C, D)
     if impl == "torch_chunked":
+        if x.shape[1] <= chunk_size:  # a single chunk is exactly the quadratic form, without the padding
+            return ssd_quadratic(x, delta, A, B, C, D)
         return ssd_chunked(x, delta, A, B, C, D, chunk_size=chunk_size)
     return ssd_mamba_kernel(x, delta, A, B, C, D, chunk_size=chunk_size)
 
