@@ -3,7 +3,7 @@
 
     python benchmarks/bench_fmrlrec.py train-time [--hidden 256] [--batches 4] [--rounds 3] [--full_epoch]
     python benchmarks/bench_fmrlrec.py inference [--lengths 50 200] [--batch_sizes 1 256]
-    python benchmarks/bench_fmrlrec.py accuracy [--hidden 256] [--epochs 20] [--out benchmarks/results]
+    python benchmarks/bench_fmrlrec.py accuracy [--hidden 256] [--epochs 20] [--models SASRec MMSASRec FMRLRec] [--out DIR]
 
 train-time: one training step (forward, backward, AdamW step) on the same Scientific batches for
 FMRLRec (every size of mrl_sizes), the same network with a single size (plain LRURec-style model,
@@ -185,48 +185,47 @@ def inference(args):
 
 # ----- accuracy ---------------------------------------------------------------------------------
 def accuracy(args):
+    """Trains ``--models`` (each result kept in ``<out>/accuracy_<model>.json``, so the models can
+    run in separate processes), then reports every model found in ``--out``."""
     from recbole_mm.quick_start import run
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     common = {
         "epochs": args.epochs, "stopping_step": args.stopping_step, "train_batch_size": args.batch_size,
-        "eval_batch_size": 4096, "show_progress": False, "checkpoint_dir": str(out / "saved"),
-        "seed": args.seed,
+        "eval_batch_size": 4096, "show_progress": False, "checkpoint_dir": str(out / "saved"), "seed": args.seed,
     }
-    runs = {
-        "SASRec": {},
-        "MMSASRec": {},
-        "FMRLRec": {"hidden_size": args.hidden},
-    }
-    results = {}
-    for model, extra in runs.items():
+    model_settings = {"SASRec": {}, "MMSASRec": {}, "FMRLRec": {"hidden_size": args.hidden}}
+    for model in args.models:
         start = time.perf_counter()
-        results[model] = run(model, "Scientific", config_dict={**common, **extra})
-        results[model]["train_minutes"] = (time.perf_counter() - start) / 60
-        (out / "fmrlrec_accuracy_scientific.json").write_text(json.dumps(results, indent=1, default=str))
+        result = run(model, "Scientific", config_dict={**common, **model_settings[model]})
+        result["train_minutes"] = (time.perf_counter() - start) / 60
+        result["machine"] = machine_name()
+        (out / f"accuracy_{model}.json").write_text(json.dumps(result, indent=1, default=str))
 
-    lines = [f"Scientific test set (full ranking), {machine_name()}; epochs <= {args.epochs}, "
-             f"early stopping on valid NDCG@10 (patience {args.stopping_step}), batch {args.batch_size}, seed {args.seed}",
-             "", "| model | parameters | Recall@10 | NDCG@10 | Recall@20 | NDCG@20 | minutes |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    results = {model: json.loads((out / f"accuracy_{model}.json").read_text())
+               for model in model_settings if (out / f"accuracy_{model}.json").is_file()}
+    lines = [f"Scientific test set (full ranking); epochs <= {args.epochs}, early stopping on valid NDCG@10 "
+             f"(patience {args.stopping_step}), batch {args.batch_size}, seed {args.seed}",
+             "", "| model | parameters | Recall@10 | NDCG@10 | Recall@20 | NDCG@20 | minutes | machine |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
     for model, result in results.items():
         test = result["test_result"]
         lines.append(f"| {model} | {result['parameters']:,} | {test['recall@10']:.4f} | {test['ndcg@10']:.4f} | "
-                     f"{test['recall@20']:.4f} | {test['ndcg@20']:.4f} | {result['train_minutes']:.1f} |")
-
-    config, (train_data, _, test_data), model, _ = load_run(results["FMRLRec"]["checkpoint"])
-    per_size = evaluate_sizes(model, test_data, config)
-    plot_path = out / "fmrlrec_sizes_scientific.png"
-    plot_sizes(model.mrl_sizes, [{k: r[k] for k in ("recall@10", "ndcg@10")} for r in per_size], str(plot_path),
-               "FMRLRec sub-models, Scientific test")
-    full_ndcg = per_size[-1]["ndcg@10"]
-    lines += ["", "FMRLRec: every nested size of the one trained model (extracted sub-models), test set:", "",
-              size_table(model, config, train_data.dataset, per_size), "",
-              "NDCG@10 kept vs full size: " + ", ".join(
-                  f"{s}: {r['ndcg@10'] / full_ndcg:.0%}" for s, r in zip(model.mrl_sizes, per_size)),
-              "", f"plot: {plot_path}", "", "Parameter accounting (paper Fig. 4):", "",
-              parameter_table(parameter_accounting(config, train_data.dataset))]
+                     f"{test['recall@20']:.4f} | {test['ndcg@20']:.4f} | {result['train_minutes']:.1f} | {result['machine']} |")
+    if "FMRLRec" in results:
+        config, (train_data, _, test_data), model, _ = load_run(results["FMRLRec"]["checkpoint"])
+        per_size = evaluate_sizes(model, test_data, config)
+        plot_path = out / "fmrlrec_sizes_scientific.png"
+        plot_sizes(model.mrl_sizes, [{k: r[k] for k in ("recall@10", "ndcg@10")} for r in per_size],
+                   str(plot_path), "FMRLRec sub-models, Scientific test")
+        full_ndcg = per_size[-1]["ndcg@10"]
+        lines += ["", "FMRLRec: every nested size of the one trained model (extracted sub-models), test set:", "",
+                  size_table(model, config, train_data.dataset, per_size), "",
+                  "NDCG@10 kept vs full size: " + ", ".join(
+                      f"{s}: {r['ndcg@10'] / full_ndcg:.0%}" for s, r in zip(model.mrl_sizes, per_size)),
+                  "", f"plot: {plot_path}", "", "Parameter accounting (paper Fig. 4):", "",
+                  parameter_table(parameter_accounting(config, train_data.dataset))]
     report = "\n".join(lines)
     (out / "fmrlrec_accuracy_scientific.md").write_text(report + "\n")
     print(report)
@@ -248,6 +247,8 @@ def main(argv=None):
     parser.add_argument("--stopping_step", type=int, default=3)
     parser.add_argument("--seed", type=int, default=2020)
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--models", nargs="*", default=["SASRec", "MMSASRec", "FMRLRec"],
+                        help="accuracy: models to train now (none: only report what --out holds)")
     args = parser.parse_args(argv)
     {"train-time": train_time, "inference": inference, "accuracy": accuracy}[args.section](args)
 

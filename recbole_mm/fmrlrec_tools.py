@@ -7,21 +7,25 @@ parameters against independently trained models (paper section 6.2-6.3, Fig. 3-4
 
 Any further ``--key=value`` overrides the checkpoint's config (e.g. ``--data_path=...``).
 An extracted checkpoint is an ordinary FMRLRec checkpoint (hidden_size = size) written by the
-trainer's own checkpoint code: ``evaluate`` runs it like any other, and a training run can start
-from it with ``--resume`` (its config must then name the same hidden_size and mrl_sizes).
+trainer's own checkpoint code, with its model settings in ``<output>.yaml``: ``evaluate`` runs it,
+and so does the main CLI without training:
+    python run_recbole_mm.py --model=FMRLRec --dataset=Scientific --config_files=FMRLRec-64.yaml \
+        --resume=FMRLRec-64.pth --epochs=0
 """
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import torch
+import yaml
 from recbole.data import data_preparation
 from recbole.evaluator import Collector, Evaluator
 from recbole.utils import init_logger, init_seed
 
 from recbole_mm.compat import load_checkpoint, plain_config
-from recbole_mm.config import Config
+from recbole_mm.config import PROPERTIES_DIR, Config
 from recbole_mm.model.fmrlrec import FMRLRec, extract_submodel, resolve_mrl_sizes, submodel_config
 from recbole_mm.utils import RecboleMMError, create_dataset, get_trainer
 
@@ -158,7 +162,8 @@ def load_run(checkpoint_path: str, cmd_args: Sequence[str] = ()):
 
 
 def save_submodel(checkpoint_path: str, size: int, output_path: str, cmd_args: Sequence[str] = ()) -> FMRLRec:
-    """Write the standalone size-``size`` model of a trained FMRLRec as a regular checkpoint."""
+    """Write the standalone size-``size`` model of a trained FMRLRec as a regular checkpoint, and
+    beside it ``<output>.yaml`` with its model settings (for ``run_recbole_mm.py --config_files``)."""
     config, (train_data, _, _), model, checkpoint = load_run(checkpoint_path, cmd_args)
     small = extract_submodel(model, config, train_data.dataset, size)
     small_config = submodel_config(config, size)
@@ -166,6 +171,9 @@ def save_submodel(checkpoint_path: str, size: int, output_path: str, cmd_args: S
     trainer.cur_step = checkpoint.get("cur_step", 0)
     trainer.best_valid_score = checkpoint.get("best_valid_score", trainer.best_valid_score)
     trainer._save_checkpoint(checkpoint.get("epoch", 0), saved_model_file=output_path, verbose=False)
+    model_keys = yaml.safe_load((PROPERTIES_DIR / "model" / "FMRLRec.yaml").read_text())
+    settings = {key: plain_config(small_config)[key] for key in model_keys}
+    Path(output_path).with_suffix(".yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
     return small
 
 

@@ -1,5 +1,6 @@
 """FMRLRec: nesting property, extraction, recurrent mode, padding, loss, ablations, CLI run."""
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -170,35 +171,39 @@ def test_bad_config_is_rejected():
         extract_submodel(model, config, dataset, 12)
 
 
-def test_one_epoch_cli_run_extract_and_evaluate(scientific_dir, in_tmp_cwd):
-    """run_recbole_mm.py trains 1 epoch on Scientific; the extracted sub-model's checkpoint runs on
-    its own and scores exactly like the full model's slice."""
-    tmp_path = in_tmp_cwd
-    checkpoint_dir = tmp_path / "saved"
-    command = [
-        sys.executable, str(PROJECT / "run_recbole_mm.py"), "--model=FMRLRec", "--dataset=Scientific",
-        f"--data_path={scientific_dir.parent}", f"--checkpoint_dir={checkpoint_dir}", "--epochs=1",
-        "--hidden_size=16", "--show_progress=False", "--train_batch_size=512",
-    ]
-    completed = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+def run_cli(*args, cwd):
+    completed = subprocess.run(
+        [sys.executable, str(PROJECT / "run_recbole_mm.py"), *args], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
     assert completed.returncode == 0, completed.stderr[-3000:]
-    assert "test=" in completed.stdout
+    test_line = next(line for line in completed.stdout.splitlines() if line.startswith("[recbole-mm]"))
+    return ast.literal_eval(test_line.split(" test=", 1)[1].split(" checkpoint=", 1)[0])
+
+
+def test_one_epoch_cli_run_extract_and_evaluate(scientific_dir, in_tmp_cwd):
+    """run_recbole_mm.py trains 1 epoch on Scientific; the extracted size-8 checkpoint holds the
+    full model's leading corners and the CLI runs it on its own with the per-size metrics of size 8."""
+    data = f"--data_path={scientific_dir.parent}"
+    checkpoint_dir = in_tmp_cwd / "saved"
+    run_cli("--model=FMRLRec", "--dataset=Scientific", data, f"--checkpoint_dir={checkpoint_dir}", "--epochs=1",
+            "--hidden_size=16", "--show_progress=False", "--train_batch_size=512", cwd=in_tmp_cwd)
     (checkpoint,) = checkpoint_dir.glob("FMRLRec-*.pth")
 
     from recbole_mm.fmrlrec_tools import evaluate_sizes, load_run, save_submodel
 
-    overrides = [f"--data_path={scientific_dir.parent}"]
-    config, (_, _, test_data), model, _ = load_run(str(checkpoint), overrides)
+    config, (train_data, _, test_data), model, _ = load_run(str(checkpoint), [data])
     per_size = evaluate_sizes(model, test_data, config)
     assert [len(r) for r in per_size] == [4, 4]  # sizes 8, 16 x Recall/NDCG @10/@20
 
-    small_path = tmp_path / "FMRLRec-8.pth"
-    save_submodel(str(checkpoint), 8, str(small_path), overrides)
-    small_config, (_, _, small_test), small, _ = load_run(str(small_path), overrides)
-    assert small.hidden_size == 8 and small_config["hidden_size"] == 8
-    assert evaluate_sizes(small, small_test, small_config)[0] == per_size[0]
-    with torch.no_grad():
-        batch = next(iter(test_data))[0]
-        torch.testing.assert_close(
-            small.full_sort_predict(batch), model.full_sort_predict_per_size(batch)[0], rtol=0, atol=1e-5
-        )
+    small_path = in_tmp_cwd / "FMRLRec-8.pth"
+    save_submodel(str(checkpoint), 8, str(small_path), [data])
+    saved_state = torch.load(small_path, weights_only=True)["state_dict"]
+    expected_state = extract_submodel(model, config, train_data.dataset, 8).state_dict()
+    assert saved_state.keys() == expected_state.keys()
+    for name, tensor in expected_state.items():
+        assert torch.equal(saved_state[name], tensor), name
+    assert yaml.safe_load(small_path.with_suffix(".yaml").read_text())["hidden_size"] == 8
+
+    small_test = run_cli("--model=FMRLRec", "--dataset=Scientific", data, f"--config_files={small_path.with_suffix('.yaml')}",
+                         f"--resume={small_path}", "--epochs=0", "--show_progress=False", cwd=in_tmp_cwd)
+    assert small_test == per_size[0]
