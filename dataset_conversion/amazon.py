@@ -30,6 +30,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+from tqdm import tqdm
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -93,7 +94,8 @@ def open_text(path):
 def parse_records(path, report, kind):
     """Yield (line_number, dict) for every parseable line; malformed lines are counted and skipped."""
     with open_text(path) as handle:
-        for line_number, line in enumerate(handle, 1):
+        lines = tqdm(handle, desc=f"reading {Path(path).name}", unit=" lines", mininterval=2.0, leave=False)
+        for line_number, line in enumerate(lines, 1):
             line = line.strip()
             if not line:
                 continue
