@@ -10,6 +10,7 @@ from pathlib import Path
 from recbole.config import Config as RecBoleConfig
 
 from recbole_mm import compat  # noqa: F401  (warning filters before RecBole loads data)
+from recbole_mm.distributed import init_distributed_device
 from recbole_mm.utils import RecboleMMError, get_model
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -64,6 +65,12 @@ class Config(RecBoleConfig):
                     self.parameters["Dataset"] += [
                         key for key in config_dict if key not in self.parameters["Dataset"]
                     ]
+
+    def _init_device(self):
+        if "local_rank" in self.final_config_dict:  # a DDP worker: RecBole's own set-up is NCCL/CUDA only
+            init_distributed_device(self.final_config_dict)
+        else:
+            super()._init_device()
 
     def _set_default_parameters(self):
         self.final_config_dict["data_path"] = str(self._resolve_data_root())

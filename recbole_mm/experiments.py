@@ -322,9 +322,9 @@ def run_table(models, datasets, seeds=(2020,), config_file_list=None, config_dic
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m recbole_mm.experiments", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", required=True)
-    table = commands.add_parser("table", help="run models x datasets x seeds and write the tables")
+    table = commands.add_parser("table", help="run models x datasets x seeds and write the tables", allow_abbrev=False)
     table.add_argument("--models", nargs="+", required=True)
     table.add_argument("--datasets", nargs="+", required=True)
     table.add_argument("--seeds", nargs="+", type=int, default=[2020])

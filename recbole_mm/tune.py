@@ -267,7 +267,7 @@ def run_with_ray(model, dataset, params_file, algo="exhaustive", max_evals=100, 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m recbole_mm.tune", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument("--model", required=True)
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--params_file", required=True)

@@ -11,6 +11,7 @@ from torch.nn.utils.clip_grad import clip_grad_norm_
 from tqdm import tqdm
 
 from recbole_mm.compat import load_checkpoint, plain_config
+from recbole_mm.distributed import DistributedTrainingMixin
 from recbole_mm.utils import RecboleMMError
 
 
@@ -66,8 +67,9 @@ class SafeCheckpointMixin:
 
 @lru_cache(maxsize=None)
 def with_safe_checkpoints(trainer_class):
-    """RecBole's trainer for a built-in model, with checkpoints torch >= 2.6 loads safely."""
-    return type(trainer_class.__name__, (SafeCheckpointMixin, trainer_class), {})
+    """RecBole's trainer for a built-in model, with checkpoints torch >= 2.6 loads safely (and DDP
+    that also works on CPU, see recbole_mm.distributed)."""
+    return type(trainer_class.__name__, (DistributedTrainingMixin, SafeCheckpointMixin, trainer_class), {})
 
 
 @dataclass
@@ -83,7 +85,7 @@ class TrainingStage:
     options: dict = field(default_factory=dict)
 
 
-class MMTrainer(SafeCheckpointMixin, Trainer):
+class MMTrainer(DistributedTrainingMixin, SafeCheckpointMixin, Trainer):
     """Trainer for recbole-mm models. Adds, from config:
 
     - ``learner``: RecBole's (adam, adamw, sgd, adagrad, rmsprop, sparse_adam) plus ``nadam``;

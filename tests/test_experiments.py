@@ -1,0 +1,130 @@
+"""Side-by-side table runner and tuning, end to end on a tiny Scientific slice (1 epoch, hidden 16)."""
+import csv
+import json
+import statistics
+
+import pytest
+
+from recbole_mm.experiments import main as experiments_main
+from recbole_mm.experiments import run_table, summarize, write_markdown
+from recbole_mm.measure import config_hash, effective_config
+from recbole_mm.tune import tune
+from tests.conftest import scientific_slice_config, write_scientific_slice
+
+
+@pytest.fixture
+def slice_config(scientific_dir, tmp_path):
+    write_scientific_slice(scientific_dir, tmp_path / "data", n_users=120)
+    return scientific_slice_config(tmp_path / "data")
+
+
+def test_table_runs_cells_reports_failures_and_reuses_finished_cells(slice_config, tmp_path, in_tmp_cwd):
+    bad_gru = tmp_path / "bad_gru.yaml"
+    bad_gru.write_text("loss_type: XYZ\n")  # GRU4Rec raises in its constructor, inside the cell's process
+    output = tmp_path / "results"
+    arguments = dict(models=["SASRec", "MMSASRec", "GRU4Rec", "NoSuchModel"], datasets=["SciSlice"],
+                     config_dict=slice_config, output=output, latex=True,
+                     model_config_files={"GRU4Rec": [str(bad_gru)]})
+    first = {record["model"]: record for record in run_table(**arguments)}
+
+    assert first["SASRec"]["status"] == first["MMSASRec"]["status"] == "ok"
+    assert first["GRU4Rec"]["status"] == "failed" and "loss_type" in first["GRU4Rec"]["error"]
+    assert first["NoSuchModel"]["status"] == "failed" and "Unknown model" in first["NoSuchModel"]["error"]
+    for model in ("SASRec", "MMSASRec"):
+        record = first[model]
+        assert set(record["test_result"]) == {"recall@10", "recall@20", "ndcg@10", "ndcg@20"}
+        assert record["epochs"] == 1 and record["epochs_to_best"] == 1 and record["seconds_per_epoch"] > 0
+        assert record["parameters"] > 0 and record["peak_rss_mib"] > 100
+        assert record["config"]["hidden_size"] == 16 and record["config"]["seed"] == 2020
+    assert first["SASRec"]["config_hash"] != first["MMSASRec"]["config_hash"]
+
+    table = (output / "table.md").read_text()
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    assert "failed" in rows["GRU4Rec"] and "loss_type" in rows["GRU4Rec"] and "failed" in rows["NoSuchModel"]
+    header = [cell.strip() for cell in rows["model"].strip("|").split("|")]
+    ndcg_column = header.index("test ndcg@10")
+    best = max(("SASRec", "MMSASRec"), key=lambda m: first[m]["test_result"]["ndcg@10"])
+    other = "SASRec" if best == "MMSASRec" else "MMSASRec"
+    if first[best]["test_result"]["ndcg@10"] > first[other]["test_result"]["ndcg@10"]:
+        assert rows[best].strip("|").split("|")[ndcg_column].strip().startswith("**")
+        assert not rows[other].strip("|").split("|")[ndcg_column].strip().startswith("**")
+    with open(output / "table.csv") as file:
+        csv_rows = {row["model"]: row for row in csv.DictReader(file)}
+    assert float(csv_rows["MMSASRec"]["test recall@10 mean"]) == first["MMSASRec"]["test_result"]["recall@10"]
+    assert csv_rows["GRU4Rec"]["failed"] and not csv_rows["SASRec"]["failed"]
+    assert "\\textbf{" in (output / "table.tex").read_text()
+
+    stored = {path.name: path.stat().st_mtime_ns for path in (output / "cells").glob("*.json")}
+    # in this process this time: the GRU4Rec retry fails fast and the in-process path is covered too
+    second = {record["model"]: record for record in run_table(**arguments, isolate=False)}
+    assert second["SASRec"]["reused"] and second["MMSASRec"]["reused"]
+    assert second["MMSASRec"]["test_result"] == first["MMSASRec"]["test_result"]
+    assert not second["GRU4Rec"]["reused"] and second["GRU4Rec"]["status"] == "failed"  # failures are retried
+    for name, mtime in stored.items():
+        if name.startswith(("SASRec", "MMSASRec")):
+            assert (output / "cells" / name).stat().st_mtime_ns == mtime
+
+    # a changed setting (here a yaml default seen through the effective config) is a different cell
+    changed = effective_config("SASRec", "SciSlice", None, {**slice_config, "checkpoint_dir": "elsewhere",
+                                                            "seed": 2020, "show_progress": False, "inner_size": 64})
+    moved = effective_config("SASRec", "SciSlice", None, {**slice_config, "checkpoint_dir": "elsewhere",
+                                                          "seed": 2020, "show_progress": False})
+    assert config_hash(changed) != first["SASRec"]["config_hash"] == config_hash(moved)
+
+
+def record(model, seed, ndcg, seconds, status="ok"):
+    if status != "ok":
+        return {"model": model, "dataset": "D", "seed": seed, "status": status, "error": "boom"}
+    return {"model": model, "dataset": "D", "seed": seed, "status": "ok", "test_result": {"ndcg@10": ndcg},
+            "parameters": 100, "seconds_per_epoch": seconds, "epochs_to_best": 3, "peak_rss_mib": 500.0,
+            "peak_gpu_mib": None}
+
+
+def test_mean_std_over_seeds_and_best_marks(tmp_path):
+    records = [record("A", 1, 0.10, 2.0), record("A", 2, 0.14, 4.0),
+               record("B", 1, 0.11, 1.0), record("B", 2, 0.12, 1.5),
+               record("C", 1, 0.50, 0.1, status="failed")]
+    groups = summarize(records)
+    write_markdown(tmp_path / "t.md", groups, ["D"], ["A", "B", "C"], [1, 2], [])
+    lines = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")[1:]]
+             for line in (tmp_path / "t.md").read_text().splitlines() if line.startswith("| ") and "---" not in line}
+    assert lines["model"] == ["test ndcg@10", "trainable params", "s/epoch", "epochs to best", "peak RSS MiB"]
+    assert lines["A"][0] == f"**{statistics.mean([0.10, 0.14]):.4f} ± {statistics.stdev([0.10, 0.14]):.4f}**"
+    assert lines["B"][0] == f"{0.115:.4f} ± {statistics.stdev([0.11, 0.12]):.4f}"
+    assert lines["B"][2].startswith("**1.25 ±") and not lines["A"][2].startswith("**")  # fewer seconds is better
+    assert lines["A"][1] == lines["B"][1] == "**100 ± 0**"  # ties are all marked
+    assert lines["A"][3] == "3.0 ± 0.0"  # epochs to best: reported, never marked
+    assert lines["C"][0].startswith("failed: seed 1: boom")
+
+
+def test_cli_rejects_seed_override(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        experiments_main(["table", "--models", "SASRec", "--datasets", "D", "--output", str(tmp_path), "--seed=3"])
+    assert "--seeds" in capsys.readouterr().err
+
+
+def test_tuning_two_trials_then_resume_reads_finished_trial(slice_config, tmp_path, in_tmp_cwd):
+    params_file = tmp_path / "hyper.test"
+    params_file.write_text("hidden_size choice [8,16]\n")
+    fixed = [f"--{key}={value}" for key, value in slice_config.items() if key != "hidden_size"]
+    output = tmp_path / "tuning"
+    first = tune("MMSASRec", "SciSlice", params_file, algo="exhaustive", max_evals=1, cmd_args=fixed, output=output)
+    assert first["trials"] == 1 and first["read_from_trials_json"] == 0
+    trials = json.loads((output / "trials.json").read_text())["trials"]
+    assert len(trials) == 1
+    first_trial = trials[0]
+
+    # an interrupted search continues: the finished trial is read, only the new one trains
+    second = tune("MMSASRec", "SciSlice", params_file, algo="exhaustive", max_evals=2, cmd_args=fixed, output=output)
+    assert second["trials"] == 2 and second["read_from_trials_json"] == 1 and second["failed"] == 0
+    trials = json.loads((output / "trials.json").read_text())["trials"]
+    assert trials[0] == first_trial
+    assert sorted(t["params"]["hidden_size"] for t in trials) == [8, 16]
+    by_size = {t["params"]["hidden_size"]: t for t in trials}
+    assert by_size[16]["parameters"] > by_size[8]["parameters"]  # the tuned value reached the model
+    best_trial = max(trials, key=lambda t: t["best_valid_score"])
+    best = json.loads((output / "best.json").read_text())
+    assert best["best_params"] == best_trial["params"] and best["test_result"] == best_trial["test_result"]
+
+    with pytest.raises(Exception, match="different search"):
+        tune("MMSASRec", "SciSlice", params_file, algo="random", max_evals=1, cmd_args=fixed, output=output)
