@@ -83,8 +83,6 @@ class SentenceTransformerText:
         self.model = SentenceTransformer(self.name, device=self.device)
         if (fp16 if fp16 is not None else self.device.startswith("cuda")) and self.device.startswith("cuda"):
             self.model.half()
-        dimension = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
-        self.dim = dimension()
 
     def encode(self, texts, batch_size, show_progress):
         return self.model.encode(
@@ -111,7 +109,6 @@ class TransformersText:
             self.model.half()
         self.max_length = max_length
         self.torch = torch
-        self.dim = None
 
     def encode(self, texts, batch_size, show_progress):
         from tqdm import tqdm
@@ -130,9 +127,7 @@ class TransformersText:
                     weights = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                     vectors = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
             chunks.append(vectors.float().cpu().numpy())
-        out = np.concatenate(chunks).astype(np.float32)
-        self.dim = out.shape[1]
-        return out
+        return np.concatenate(chunks).astype(np.float32)
 
 
 def resolve_text_model(name_or_path):
@@ -286,8 +281,11 @@ def encode_text_modality(dataset_dir, dataset, modality, field, encoder, batch_s
 
     present = np.array([bool(text) for text in texts])
     unique_texts = sorted({text for text in texts if text})  # genres repeat a lot: encode each text once
-    vectors = encoder.encode(unique_texts, batch_size, show_progress) if unique_texts else np.zeros((0, 1), np.float32)
-    if normalize and len(vectors):
+    if not unique_texts:
+        raise ValueError(f"{Path(dataset_dir) / (dataset + '.item')}: field {field!r} is empty for all {len(tokens)}"
+                         " items; pick another --field or fix the conversion")
+    vectors = encoder.encode(unique_texts, batch_size, show_progress)
+    if normalize:
         vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
     row_of = {text: row for row, text in enumerate(unique_texts)}
     features = np.zeros((len(tokens), vectors.shape[1]), dtype=np.float32)

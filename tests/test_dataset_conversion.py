@@ -589,3 +589,23 @@ def test_default_output_dir_is_where_a_run_looks(dataset, monkeypatch):
     monkeypatch.setenv("RECBOLE_MM_DATA", "/elsewhere")
     config = Config(model="SASRec", dataset=dataset, config_dict={"modalities": []})
     assert Path(config["data_path"]) == default_data_dir() / dataset == Path("/elsewhere") / dataset
+
+
+def test_keep_items_without_meta_and_empty_text_field_error(tmp_path):
+    from dataset_conversion.encode_features import encode_text_modality
+
+    write_amazon_2018(tmp_path)
+    dataset_dir, _ = amazon.convert(tmp_path / "Office_Products_5.json.gz", tmp_path / "meta_Office_Products.json.gz",
+                                    "Keep", tmp_path / "out", user_k=2, item_k=2, keep_items_without_meta=True)
+    items = read_item(dataset_dir / "Keep.item")
+    assert items.loc[NO_META_ITEM].tolist() == [""] * 7
+    bad = load_manifest(dataset_dir, "Keep")["conversion"]["bad_input"]
+    assert bad["items without metadata (kept, empty text)"]["first"] == [NO_META_ITEM]
+    assert bad["kept items with empty text (text mask False)"]["first"] == [NO_META_ITEM]
+    features, present = encode_text_modality(dataset_dir, "Keep", "text", "text", HashingTextEncoder(), show_progress=False)
+    row = list(items.index).index(NO_META_ITEM)
+    assert not present[row] and not features[row].any() and present.sum() == len(items) - 1
+    lines = (dataset_dir / "Keep.item").read_text().splitlines()
+    (dataset_dir / "Keep.item").write_text("\n".join([lines[0]] + ["\t".join([l.split("\t")[0]] + [""] * 7) for l in lines[1:]]) + "\n")
+    with pytest.raises(ValueError, match=r"Keep\.item: field 'text' is empty for all"):
+        encode_text_modality(dataset_dir, "Keep", "text", "text", HashingTextEncoder(), show_progress=False)
