@@ -4,7 +4,8 @@
         [--algo=exhaustive|random|bayes] [--max_evals=N] [--early_stop=10] [--tune_seed=2020] \
         [--config_files="a.yaml b.yaml"] [--output=tuning/MMSASRec-Scientific] [--key=value ...]
 
-``--params_file`` is RecBole's format, one parameter a line: ``name choice [v1,v2]``,
+``exhaustive`` visits the grid of ``choice`` parameters in a fixed order; ``random`` and
+``bayes`` (TPE) sample hyperopt's space with ``--tune_seed``. ``--params_file`` is RecBole's format, one parameter a line: ``name choice [v1,v2]``,
 ``name uniform low,high``, ``name quniform low,high,q``, ``name loguniform low,high``.
 Every trial trains and tests through ``recbole_mm.quick_start`` (via ``recbole_mm.measure``), so
 recbole-mm models, the feature hook and the safe trainer are used; ``--key=value`` fixes any other
@@ -22,6 +23,7 @@ folder is an error rather than a silent mix.
 """
 import argparse
 import hashlib
+import itertools
 import json
 import os
 import sys
@@ -30,7 +32,7 @@ import traceback
 from pathlib import Path
 
 import numpy as np
-from recbole.trainer.hyper_tuning import HyperTuning  # hyperopt only: this module does not import ray
+from recbole.trainer.hyper_tuning import HyperTuning, _parameters  # hyperopt only: no ray import
 
 from recbole_mm.measure import config_hash, effective_config, measured_run
 from recbole_mm.utils import RecboleMMError
@@ -97,6 +99,27 @@ def recbole_mm_objective(model, dataset, store, cmd_args=()):
     return objective
 
 
+def grid_search(new_ids, domain, trials, seed):
+    """A hyperopt algorithm visiting the grid of ``choice`` parameters in a fixed order, each point
+    once. Replaces RecBole's ``exhaustive_search``, which hands hyperopt >= 0.2.7 a
+    ``np.random.RandomState`` where it needs a ``Generator`` (AttributeError: 'integers')."""
+    from hyperopt.base import miscs_update_idxs_vals
+
+    grid = _parameters(domain.expr)
+    names = sorted(grid)
+    seen = {tuple(sorted((name, int(values[0])) for name, values in trial["misc"]["vals"].items()))
+            for trial in trials.trials}
+    unseen = (point for point in (tuple(zip(names, map(int, combo)))
+                                  for combo in itertools.product(*(grid[name] for name in names)))
+              if point not in seen)
+    docs = []
+    for new_id, point in zip(new_ids, unseen):
+        misc = dict(tid=new_id, cmd=domain.cmd, workdir=domain.workdir)
+        miscs_update_idxs_vals([misc], {name: [new_id] for name in names}, {name: [index] for name, index in point})
+        docs += trials.new_trial_docs([new_id], [None], [domain.new_result()], [misc])
+    return docs  # empty once the grid is done: hyperopt then stops
+
+
 class RecboleMMHyperTuning(HyperTuning):
     """RecBole's ``HyperTuning`` with: a seeded, replayable search (so a rerun can read finished
     trials), failed trials recorded instead of aborting the search, ``max_evals`` also capping
@@ -109,8 +132,13 @@ class RecboleMMHyperTuning(HyperTuning):
             raise RecboleMMError(f"--algo={algo} is not known; choose one of {', '.join(ALGORITHMS)}.")
         super().__init__(objective_function, params_file=params_file, fixed_config_file_list=fixed_config_file_list,
                          algo=algo, max_evals=max_evals, early_stop=early_stop)
-        if algo == "exhaustive" and max_evals:
-            self.max_evals = min(self.max_evals, max_evals)
+        if algo == "exhaustive":
+            not_choice = sorted(set(self.space) - set(_parameters(self.space)))
+            if not_choice:
+                raise RecboleMMError(f"exhaustive search needs 'choice' parameters; {', '.join(not_choice)} "
+                                     f"in {params_file} are not. Use --algo=random or --algo=bayes.")
+            self.algo = grid_search
+            self.max_evals = min(self.max_evals, max_evals) if max_evals else self.max_evals
         self.seed = seed
         self.log = log
         self.results = []

@@ -128,3 +128,18 @@ def test_tuning_two_trials_then_resume_reads_finished_trial(slice_config, tmp_pa
 
     with pytest.raises(Exception, match="different search"):
         tune("MMSASRec", "SciSlice", params_file, algo="random", max_evals=1, cmd_args=fixed, output=output)
+
+
+def test_grid_search_visits_every_choice_combination_once():
+    import itertools
+
+    import numpy as np
+    from hyperopt import Trials, fmin, hp
+
+    from recbole_mm.tune import grid_search
+
+    space = {"a": hp.choice("a", [1, 2, 3]), "b": hp.choice("b", ["x", "y"])}
+    visited = []
+    fmin(lambda params: visited.append(params) or 0.0, space, algo=grid_search, max_evals=50, trials=Trials(),
+         rstate=np.random.default_rng(0), show_progressbar=False)
+    assert sorted((p["a"], p["b"]) for p in visited) == list(itertools.product([1, 2, 3], ["x", "y"]))
