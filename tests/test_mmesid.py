@@ -74,6 +74,20 @@ def test_sid_tables_start_from_the_codebooks(built, stage_files):
             torch.testing.assert_close(model.semantic_id_embeddings(name, torch.tensor(item)), expected)
 
 
+def test_collab_table_from_tokens_dict_and_from_npy_rows(built, slice_root, stage_files):
+    _, (train, _, _), model, _ = built
+    tokens = train.dataset.field2id_token[train.dataset.iid_field]
+    saved = torch.load(stage_files["mmesid_collab_file"], weights_only=True)["embedding"]
+    for item in (1, 4, len(tokens) - 1):
+        assert torch.equal(model.feature_table("collab")[item], saved[int(tokens[item])])
+    assert not model.feature_mask("collab")[0] and model.feature_mask("collab")[1:].all()
+    rows = np.random.default_rng(1).standard_normal((N_ROWS, 5)).astype(np.float32)
+    np.save(slice_root / "collab_rows.npy", rows)
+    _, _, from_npy, _ = build_mmesid(slice_root, {**stage_files, "mmesid_collab_file": str(slice_root / "collab_rows.npy")})
+    for item in (1, 4, len(tokens) - 1):
+        np.testing.assert_array_equal(from_npy.feature_table("collab")[item].numpy(), rows[int(tokens[item])])
+
+
 def test_random_sid_init_is_not_the_codebooks(slice_root, stage_files):
     _, _, model, _ = build_mmesid(slice_root, stage_files, sid_init="random")
     saved = torch.load(stage_files["mmesid_sid_file"], weights_only=True)
