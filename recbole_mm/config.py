@@ -7,6 +7,8 @@ Precedence, lowest first: RecBole's defaults < ``properties/overall.yaml`` <
 import os
 from pathlib import Path
 
+import yaml
+
 from recbole.config import Config as RecBoleConfig
 
 from recbole_mm import compat  # noqa: F401  (warning filters before RecBole loads data)
@@ -42,7 +44,12 @@ class Config(RecBoleConfig):
             if key in cmd_config_dict and cmd_config_dict[key] != value:
                 raise RecboleMMError(f"--{key} is given twice with different values.")
             cmd_config_dict[key] = value
-        return self._convert_config_dict(cmd_config_dict)
+        cmd_config_dict = self._convert_config_dict(cmd_config_dict)
+        for key, value in cmd_config_dict.items():
+            if isinstance(value, str) and value[:1] in "[{":
+                # RecBole eval()s values, so --modalities=[text,image] stays a string; read it as YAML
+                cmd_config_dict[key] = yaml.load(value, Loader=self.yaml_loader)
+        return cmd_config_dict
 
     def _get_model_and_dataset(self, model, dataset):
         if isinstance(model, str) or model is None:

@@ -59,6 +59,13 @@ def test_sys_argv_is_not_read(monkeypatch, scientific_dir):
     assert Config("MMSASRec", "Scientific")["hidden_size"] != 999
 
 
+def test_command_line_lists_of_bare_words():
+    config = Config("MMSASRec", "Scientific", cmd_args=["--modalities=[text]", "--topk=[5,10]",
+                                                         "--eval_args={mode: full}"])
+    assert config["modalities"] == ["text"]
+    assert config["topk"] == [5, 10]
+
+
 def test_malformed_command_line_argument():
     with pytest.raises(RecboleMMError, match="--key=value"):
         Config("MMSASRec", "Scientific", cmd_args=["hidden_size=3"])
