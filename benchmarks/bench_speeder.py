@@ -22,13 +22,13 @@ Speeder's free-generation ValidRatio.
 import argparse
 import os
 import platform
-import re
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from recbole_mm.config import default_data_path  # noqa: E402
 from recbole_mm.evaluator.candidate_protocol import with_candidate_protocol  # noqa: E402
-from recbole_mm.model.layers.llm import ITEM_PLACEHOLDER, backbone_from_config  # noqa: E402
+from recbole_mm.model.layers.llm import backbone_from_config  # noqa: E402
 from recbole_mm.model.layers.mome import MultimodalItemCompressor  # noqa: E402
 from recbole_mm.model.speeder import HybridPrompt  # noqa: E402
 from recbole_mm.quick_start import build  # noqa: E402
@@ -68,7 +68,7 @@ def scientific_titles():
 def scientific_features():
     data = default_data_path() / "Scientific"
     return {
-        name: torch.from_numpy(__import__("numpy").fromfile(data / f"Scientific.{suffix}", dtype="float32").reshape(-1, 512))
+        name: torch.from_numpy(np.fromfile(data / f"Scientific.{suffix}", dtype="float32").reshape(-1, 512))
         for name, suffix in (("text", "feat1CLS"), ("image", "feat3CLS"))
     }
 
@@ -123,7 +123,14 @@ def efficiency(args):
         flat = items.reshape(-1)
         return compressor({name: table[flat] for name, table in features.items()}).view(*items.shape, -1)
 
-    rows_out = []
+    print(f"Speeder prompt efficiency vs LLaRA-style title prompt; machine: {machine_name()}")
+    print(f"backbone: Llama hidden {args.llm_hidden_size}, {args.llm_num_layers} layers, vocab {len(llm.tokenizer)}; "
+          f"batch {batch}; m = {m}; mean Scientific title = {mean_title:.1f} tokens -> every title (prompt and "
+          f"answer) {answer_title_len} tokens; median of {args.repeats}")
+    header = ("n", "tok/item S", "tok/item T", "prompt S", "prompt T", "train ms S", "train ms T", "train x",
+              "infer ms S", "infer ms T", "infer x")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header), flush=True)
     for n in args.lengths:
         generator = torch.Generator().manual_seed(n)
         histories = torch.randint(1, n_items, (batch, n), generator=generator)
@@ -165,7 +172,7 @@ def efficiency(args):
         for function in (lambda: train_step(speeder_ids, speeder_answers), lambda: train_step(title_ids, target_titles),
                          speeder_inference, title_inference):
             function()  # warm-up
-        times = {
+        t = {
             "speeder_train": median_time(lambda: train_step(speeder_ids, speeder_answers), args.repeats) / batch,
             "title_train": median_time(lambda: train_step(title_ids, target_titles), args.repeats) / batch,
             "speeder_infer": median_time(speeder_inference, args.repeats) / batch,
@@ -173,22 +180,11 @@ def efficiency(args):
         }
         fixed = len(prompt.recommendation(0, 0)[0])
         width = len(title_ids[0])
-        rows_out.append((n, (len(speeder_ids[0]) - fixed) / (n + m), (width - fixed) / (n + m), len(speeder_ids[0]), width,
-                         times))
-
-    print(f"Speeder prompt efficiency vs LLaRA-style title prompt; machine: {machine_name()}")
-    print(f"backbone: Llama hidden {args.llm_hidden_size}, {args.llm_num_layers} layers, vocab {len(llm.tokenizer)}; "
-          f"batch {batch}; m = {m}; mean Scientific title = {mean_title:.1f} tokens -> every title (prompt and "
-          f"answer) {answer_title_len} tokens; "
-          f"median of {args.repeats}")
-    header = ("n", "tok/item S", "tok/item T", "prompt S", "prompt T", "train ms S", "train ms T", "train x",
-              "infer ms S", "infer ms T", "infer x")
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
-    for n, tok_s, tok_t, len_s, len_t, t in rows_out:
-        print(f"| {n} | {tok_s:.1f} | {tok_t:.1f} | {len_s} | {len_t} | {1e3 * t['speeder_train']:.2f} | "
+        tok_s, tok_t = (len(speeder_ids[0]) - fixed) / (n + m), (width - fixed) / (n + m)
+        print(f"| {n} | {tok_s:.1f} | {tok_t:.1f} | {len(speeder_ids[0])} | {width} | {1e3 * t['speeder_train']:.2f} | "
               f"{1e3 * t['title_train']:.2f} | {t['title_train'] / t['speeder_train']:.1f} | "
-              f"{1e3 * t['speeder_infer']:.2f} | {1e3 * t['title_infer']:.2f} | {t['title_infer'] / t['speeder_infer']:.1f} |")
+              f"{1e3 * t['speeder_infer']:.2f} | {1e3 * t['title_infer']:.2f} | {t['title_infer'] / t['speeder_infer']:.1f} |",
+              flush=True)
 
 
 def accuracy(args):

@@ -5,12 +5,10 @@ import re
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from recbole_mm.evaluator.candidate_protocol import with_candidate_protocol
 from recbole_mm.model.speeder import most_recent_items, truncated_position_prompt
 from recbole_mm.quick_start import build
-from recbole_mm.trainer import TrainingStage
 from tests.conftest import scientific_slice_config, write_scientific_slice
 
 TINY = dict(
