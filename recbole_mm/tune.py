@@ -272,14 +272,14 @@ def run_with_ray(model, dataset, params_file, algo="exhaustive", max_evals=100, 
         ray.init(address=address)
     trainable = ray_tune.with_resources(trainable, {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
     experiment = output / "ray"
-    if ray_tune.Tuner.can_restore(str(experiment)):
+    if (experiment / "tuner.pkl").is_file():  # Tuner.can_restore would need pyarrow even for local folders
         log(f"restoring the Ray experiment in {experiment}: finished trials are kept")
         tuner = ray_tune.Tuner.restore(str(experiment), trainable, resume_errored=True)
     else:
         tuner = ray_tune.Tuner(trainable, param_space=param_space,
                                tune_config=ray_tune.TuneConfig(search_alg=search_alg, num_samples=num_samples,
                                                                metric="valid_score", mode=mode),
-                               run_config=RunConfig(name="ray", storage_path=str(output)))
+                               run_config=RunConfig(name="ray", local_dir=str(output)))  # storage_path needs pyarrow
     grid = tuner.fit()
     trials = [{"params": r.config, "status": "failed" if r.error else "ok",
                "error": str(r.error) if r.error else None, "metrics": r.metrics} for r in grid]

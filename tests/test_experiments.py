@@ -143,3 +143,24 @@ def test_grid_search_visits_every_choice_combination_once():
     fmin(lambda params: visited.append(params) or 0.0, space, algo=grid_search, max_evals=50, trials=Trials(),
          rstate=np.random.default_rng(0), show_progressbar=False)
     assert sorted((p["a"], p["b"]) for p in visited) == list(itertools.product([1, 2, 3], ["x", "y"]))
+
+
+def test_ray_tune_path_runs_or_explains_why_not(slice_config, tmp_path, in_tmp_cwd):
+    from recbole_mm.tune import run_with_ray
+    from recbole_mm.utils import RecboleMMError
+
+    params_file = tmp_path / "hyper.test"
+    params_file.write_text("hidden_size choice [16]\n")
+    fixed = [f"--{key}={value}" for key, value in slice_config.items() if key != "hidden_size"]
+    try:
+        import ray.tune  # noqa: F401
+        import pyarrow  # noqa: F401  (Ray Tune 2.6 needs it for its experiment folder)
+    except Exception:
+        with pytest.raises(RecboleMMError, match="setuptools<81"):
+            run_with_ray("MMSASRec", "SciSlice", params_file, "exhaustive", 1, cmd_args=fixed, output=tmp_path / "ray")
+        return
+    summary = run_with_ray("MMSASRec", "SciSlice", params_file, "exhaustive", 1, cmd_args=fixed,
+                           output=tmp_path / "ray", cpus_per_trial=1)
+    assert summary["best_params"] == {"hidden_size": 16} and summary["failed"] == 0
+    assert 0 <= summary["metrics"]["test ndcg@10"] <= 1
+    assert json.loads((tmp_path / "ray" / "best.json").read_text())["best_params"] == {"hidden_size": 16}
