@@ -78,9 +78,10 @@ def worker(stage, out_file, cmd_args):
         result = run("MMESID", DATASET, config_dict=prepared, cmd_args=cmd_args)
     else:
         # same protocol and stopping rule as the SASRec of stage 1 (properties/model/MMESID.yaml collab_config)
-        result = run("MMSASRec", DATASET, cmd_args=[
+        settings = dict(arg[2:].split("=", 1) for arg in [
             *[a for a in cmd_args if a.startswith("--checkpoint_dir")], "--metrics=['Hit','NDCG']",
             "--topk=[5,10,20]", "--epochs=50", "--stopping_step=5", "--train_batch_size=256", *baseline])
+        result = run("MMSASRec", DATASET, cmd_args=[f"--{key}={value}" for key, value in settings.items()])
     wall = time.perf_counter() - start
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if stage == "llm":
