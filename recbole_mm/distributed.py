@@ -26,8 +26,8 @@ What RecBole 1.2.1 does and what changes here:
 - Each rank named its own checkpoint file after its own clock; rank 0's name is used by all, and
   ranks wait for rank 0's write before loading a checkpoint.
 
-Limitation: models that change ``requires_grad`` between training stages (multi-stage models) are
-not supported under DDP, which fixes the set of trained parameters when it wraps the model.
+Limitation: models with ``training_stages()`` (which change ``requires_grad`` between stages) are
+refused under DDP, which fixes the set of trained parameters when it wraps the model.
 """
 import argparse
 import os
@@ -126,6 +126,11 @@ class DistributedTrainingMixin:
             config["single_spec"] = not distributed
         if not distributed:
             return
+        if getattr(model, "training_stages", None) and model.training_stages():
+            raise RecboleMMError(
+                f"{config['model']} trains in stages that change which parameters are trained; DDP fixes that set "
+                "when it wraps the model, so those stages would silently stop synchronising. Train it in one process."
+            )
         on_cuda = self.device.type == "cuda"
         if on_cuda:
             self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)

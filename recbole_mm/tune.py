@@ -228,11 +228,12 @@ def run_with_ray(model, dataset, params_file, algo="exhaustive", max_evals=100, 
         from ray import tune as ray_tune
         from ray.air import RunConfig, session
         from ray.tune.search.hyperopt import HyperOptSearch
+        import pyarrow  # noqa: F401  (Ray Tune 2.6 reads its experiment folder through pyarrow)
     except Exception as error:  # ray is optional; ray 2.6 also fails to import without pkg_resources
         raise RecboleMMError(
             f"--ray needs Ray Tune, which does not import here ({type(error).__name__}: {error}). "
-            "Install it with pip install 'ray[tune]'; RecBole's pinned ray 2.6.3 also needs "
-            "pip install 'setuptools<81' (it imports pkg_resources). Without --ray the same search runs "
+            "Install it with pip install 'ray[tune]'; RecBole's ray 2.6.3 instead needs "
+            "pip install 'setuptools<81' pyarrow (it imports pkg_resources; Tune reads results through pyarrow). Without --ray the same search runs "
             "with hyperopt in this process."
         ) from error
     if algo not in ALGORITHMS:
