@@ -38,7 +38,7 @@ import torch.distributed as dist
 from recbole.evaluator import Collector
 from torch.nn.parallel import DistributedDataParallel
 
-from recbole_mm.utils import RecboleMMError
+from recbole_mm.utils import RecboleMMError, get_model
 
 DISTRIBUTED_KEYS = ("nproc", "world_size", "offset", "ip", "port", "backend")
 
@@ -181,6 +181,10 @@ def launch(model, dataset, nproc=1, world_size=None, offset=0, ip="localhost", p
         key = arg[2:].split("=", 1)[0]
         if key in DISTRIBUTED_KEYS + ("local_rank",):
             raise RecboleMMError(f"--{key} is a launcher argument: pass it to launch() / before the overrides.")
+    model_class = get_model(model) if isinstance(model, str) else model
+    if hasattr(model_class, "prepare_run"):
+        # once, before the workers start: they then reuse its cached outputs instead of racing to write them
+        model_class.prepare_run(dataset, config_file_list, config_dict, list(cmd_args))
     distributed = {"nproc": nproc, "world_size": world_size or nproc, "offset": offset, "ip": ip,
                    "port": int(port), "backend": backend}
     queue = mp.get_context("spawn").SimpleQueue()
