@@ -134,7 +134,9 @@ class DistributedTrainingMixin:
         on_cuda = self.device.type == "cuda"
         if on_cuda:
             self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-        self.distributed_model = DistributedDataParallel(self.model, device_ids=[self.device.index] if on_cuda else None)
+        self.distributed_model = DistributedDataParallel(
+            self.model, device_ids=[self.device.index] if on_cuda else None
+        )
         if config["eval_type"].name == "RANKING":
             self.eval_collector = WholeEvalSetCollector(config)
             self.eval_collector.device = self.device

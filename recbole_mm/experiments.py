@@ -79,7 +79,8 @@ def run_cell(store, model, dataset, seed, config_file_list, config_dict, cmd_arg
     record["config_hash"] = config_hash(config)
     stored = store.load(model, dataset, seed, record["config_hash"])
     if stored and stored.get("status") == "ok":
-        log(f"[{model} / {dataset} / seed {seed}] finished before: read {store.path(model, dataset, seed, record['config_hash'])}")
+        log(f"[{model} / {dataset} / seed {seed}] finished before: read "
+            f"{store.path(model, dataset, seed, record['config_hash'])}")
         return {**stored, "reused": True}
     log(f"[{model} / {dataset} / seed {seed}] training (config {record['config_hash']})")
     start = time.perf_counter()

@@ -5,11 +5,12 @@
         [--config_files="a.yaml b.yaml"] [--output=tuning/MMSASRec-Scientific] [--key=value ...]
 
 ``exhaustive`` visits the grid of ``choice`` parameters in a fixed order; ``random`` and
-``bayes`` (TPE) sample hyperopt's space with ``--tune_seed``. ``--params_file`` is RecBole's format, one parameter a line: ``name choice [v1,v2]``,
-``name uniform low,high``, ``name quniform low,high,q``, ``name loguniform low,high``.
-Every trial trains and tests through ``recbole_mm.quick_start`` (via ``recbole_mm.measure``), so
-recbole-mm models, the feature hook and the safe trainer are used; ``--key=value`` fixes any other
-setting for all trials. RecBole's own objective function would import ray and only find RecBole's models.
+``bayes`` (TPE) sample hyperopt's space with ``--tune_seed``. ``--params_file`` is RecBole's
+format, one parameter a line: ``name choice [v1,v2]``, ``name uniform low,high``,
+``name quniform low,high,q``, ``name loguniform low,high``. Every trial trains and tests through
+``recbole_mm.quick_start`` (via ``recbole_mm.measure``), so recbole-mm models, the feature hook and
+the safe trainer are used; ``--key=value`` fixes any other setting for all trials. RecBole's own
+objective function would import ray and only find RecBole's models.
 
 Outputs in ``--output``: ``trials.json`` (every trial: parameters, valid/test results, seconds per
 epoch, epochs to best, status; rewritten after each trial) and ``best.json`` (the best parameters
@@ -233,7 +234,8 @@ def run_with_ray(model, dataset, params_file, algo="exhaustive", max_evals=100, 
         raise RecboleMMError(
             f"--ray needs Ray Tune, which does not import here ({type(error).__name__}: {error}). "
             "Install it with pip install 'ray[tune]'; RecBole's ray 2.6.3 instead needs "
-            "pip install 'setuptools<81' pyarrow (it imports pkg_resources; Tune reads results through pyarrow). Without --ray the same search runs "
+            "pip install 'setuptools<81' pyarrow (it imports pkg_resources; Tune reads results through "
+            "pyarrow). Without --ray the same search runs "
             "with hyperopt in this process."
         ) from error
     if algo not in ALGORITHMS:
@@ -305,9 +307,11 @@ def main(argv=None):
     parser.add_argument("--early_stop", type=int, default=10, help="stop after this many trials without progress")
     parser.add_argument("--tune_seed", type=int, default=2020, help="seed of the search itself")
     parser.add_argument("--config_files", default=None, help="space-separated yaml files")
-    parser.add_argument("--output", default=None, help="folder for trials.json/best.json (default tuning/<model>-<dataset>)")
+    parser.add_argument("--output", default=None,
+                        help="folder for trials.json/best.json (default tuning/<model>-<dataset>)")
     parser.add_argument("--ray", action="store_true", help="run the trials under Ray Tune (optional dependency)")
-    parser.add_argument("--ray_address", default=None, help="an existing Ray cluster ('auto'); default: start a local one")
+    parser.add_argument("--ray_address", default=None,
+                        help="an existing Ray cluster ('auto'); default: start a local one")
     parser.add_argument("--cpus_per_trial", type=float, default=1)
     parser.add_argument("--gpus_per_trial", type=float, default=0)
     args, overrides = parser.parse_known_args(argv)
