@@ -1,7 +1,8 @@
 """Side-by-side tables: several models x datasets x seeds, same split/seed/evaluation settings.
 
     python -m recbole_mm.experiments table --models SASRec MMSASRec FMRLRec --datasets Scientific \
-        [--seeds 2020 2021] [--config_files a.yaml b.yaml] [--output results/] [--latex] [--key=value ...]
+        [--seeds 2020 2021] [--config_files a.yaml b.yaml] [--model_config_files FMRLRec=fmrl.yaml] \
+        [--output results/] [--latex] [--in_process] [--timeout=SECONDS] [--key=value ...]
 
 Every (model, dataset, seed) cell trains through ``recbole_mm.quick_start`` (via
 ``recbole_mm.measure``) with the same configuration layers plus ``seed``; ``--key=value`` overrides
@@ -199,7 +200,7 @@ def cell_texts(groups, dataset, model, columns):
 
 
 def write_markdown(path, groups, datasets, models, seeds, header_lines):
-    lines = [f"# recbole-mm side-by-side results", ""] + header_lines + [""]
+    lines = ["# recbole-mm side-by-side results", ""] + header_lines + [""]
     for dataset in datasets:
         columns = table_columns(groups, dataset) or ["result"]
         lines += [f"## {dataset}", "", "| model | " + " | ".join(column_header(c) for c in columns) + " |",
