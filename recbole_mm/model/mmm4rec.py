@@ -21,6 +21,7 @@ CPU path: the SSD scan is ``recbole_mm.model.layers.ssd`` (chunked pure-PyTorch 
 mamba-ssm's kernel on CUDA when installed; ``ssd_impl`` overrides).
 """
 import logging
+import math
 
 import torch
 import torch.nn.functional as F
@@ -80,7 +81,7 @@ class SSDParameters(nn.Module):
     def __init__(self, n_heads, dt_min=1e-3, dt_max=1e-1, dt_init_floor=1e-4, a_init_range=(1.0, 16.0)):
         super().__init__()
         self.A_log = nn.Parameter(torch.empty(n_heads).uniform_(*a_init_range).log())
-        dt = torch.exp(torch.rand(n_heads) * (torch.log(torch.tensor(dt_max / dt_min))) + torch.log(torch.tensor(dt_min)))
+        dt = torch.exp(torch.rand(n_heads) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))  # log-uniform
         dt = dt.clamp(min=dt_init_floor)
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
         self.D = nn.Parameter(torch.ones(n_heads))
