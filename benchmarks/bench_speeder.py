@@ -252,7 +252,10 @@ def main():
     acc.add_argument("--id_sasrec_epochs", type=int, default=5)
     acc.add_argument("--n_users", type=int, default=0, help="use only the first n users (0 = all)")
     acc.add_argument("--checkpoint_dir", default=os.path.join(tempfile.gettempdir(), "bench_speeder_saved"))
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1 on a shared machine: oversubscribed OpenMP threads spin)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     efficiency(args) if args.command == "efficiency" else accuracy(args)
 
 
