@@ -7,7 +7,8 @@ from recbole_mm.utils import RecboleMMError
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        description="Train and evaluate a recbole-mm or RecBole model. Any other --key=value overrides config."
+        description="Train and evaluate a recbole-mm or RecBole model. Any other --key=value overrides config.",
+        allow_abbrev=False,  # --data=... is a config override, not an abbreviation of --dataset
     )
     parser.add_argument("--model", "-m", required=True, help="e.g. MMSASRec, FMRLRec, MMM4Rec, SASRec")
     parser.add_argument("--dataset", "-d", required=True, help="e.g. Scientific, Office")
