@@ -207,3 +207,18 @@ def test_one_epoch_cli_run_extract_and_evaluate(scientific_dir, in_tmp_cwd):
     small_test = run_cli("--model=FMRLRec", "--dataset=Scientific", data, f"--config_files={small_path.with_suffix('.yaml')}",
                          f"--resume={small_path}", "--epochs=0", "--show_progress=False", cwd=in_tmp_cwd)
     assert small_test == per_size[0]
+
+
+def test_parameter_accounting_matches_closed_form_counts():
+    from recbole_mm.fmrlrec_tools import parameter_accounting
+
+    config = tiny_config(hidden_size=32, mrl_sizes=[8, 16, 32], n_layers=2, ffn_expansion=1)
+    rows = parameter_accounting(config, TinyDataset())
+    # per block: 7 square fMRL weights (LRU B_re, B_im, C_re, C_im; FFN gate, in, out), 6 biases (C_im has none)
+    dense = {s: 2 * (7 * s * s + 6 * s) for s in (8, 16, 32)}
+    chunked = {8: 8 * 8, 16: 8 * 8 + 16 * 8, 32: 8 * 8 + 16 * 8 + 32 * 16}
+    for row in rows:
+        s = row["size"]
+        assert row["independent_fmrl_layers"] == dense[s]
+        assert row["extracted_fmrl_layers"] == 2 * (7 * chunked[s] + 6 * s)
+    assert rows[-1]["independent_family_fmrl_layers"] == sum(dense.values())
