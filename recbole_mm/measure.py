@@ -50,57 +50,41 @@ def config_hash(config):
 
 
 def measured_run(model, dataset, config_file_list=None, config_dict=None, cmd_args=(), saved=True):
-    """Train with early stopping, test the best checkpoint (as ``quick_start.run`` does) and return
-    the results with measurements. Peak RSS is this process's maximum so far."""
-    from recbole_mm.quick_start import build
-    from recbole_mm.utils import get_model
+    """``quick_start.run`` plus measurements: seconds per training epoch, epochs run, epochs to the
+    best validation score, peak memory. Peak RSS is this process's maximum so far."""
+    from recbole_mm.quick_start import run
 
-    model_class = get_model(model) if isinstance(model, str) else model
-    if hasattr(model_class, "prepare_run"):
-        config_dict = model_class.prepare_run(dataset, config_file_list, config_dict, cmd_args)
-    config, (train_data, valid_data, test_data), model_obj, trainer = build(
-        model, dataset, config_file_list, config_dict, cmd_args
-    )
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    epoch_seconds, best_epoch = [], [None]
-    train_epoch = trainer._train_epoch
+    epoch_seconds, best_epoch, trainer_of_run = [], [None], []
 
-    def timed_train_epoch(*args, **kwargs):
-        start = time.perf_counter()
-        result = train_epoch(*args, **kwargs)
-        epoch_seconds.append(time.perf_counter() - start)
-        return result
+    def instrument(config, model_obj, trainer):
+        trainer_of_run.append(trainer)
+        train_epoch = trainer._train_epoch
+
+        def timed_train_epoch(*args, **kwargs):
+            start = time.perf_counter()
+            result = train_epoch(*args, **kwargs)
+            epoch_seconds.append(time.perf_counter() - start)
+            return result
+
+        trainer._train_epoch = timed_train_epoch
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
 
     def note_best(epoch_idx, valid_score):
         # RecBole's early stopping resets cur_step to 0 exactly when this validation is the new best
-        if trainer.cur_step == 0:
+        if trainer_of_run[0].cur_step == 0:
             best_epoch[0] = epoch_idx + 1
 
-    trainer._train_epoch = timed_train_epoch
-    if config["resume"]:
-        trainer.resume_checkpoint(config["resume"])
-    best_valid_score, best_valid_result = trainer.fit(
-        train_data, valid_data, saved=saved, show_progress=config["show_progress"], callback_fn=note_best
-    )
-    test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
-    return {
-        "model": config["model"],
-        "dataset": config["dataset"],
-        "seed": config["seed"],
-        "best_valid_score": float(best_valid_score),
-        "valid_score_bigger": config["valid_metric_bigger"],
-        "best_valid_result": {key: float(value) for key, value in dict(best_valid_result or {}).items()},
-        "test_result": {key: float(value) for key, value in dict(test_result).items()},
-        "parameters": sum(p.numel() for p in model_obj.parameters() if p.requires_grad),
-        "parameters_total": sum(p.numel() for p in model_obj.parameters()),
+    result = run(model, dataset, config_file_list, config_dict, saved=saved, cmd_args=cmd_args,
+                 on_built=instrument, callback_fn=note_best)
+    result.update({
         "epochs": len(epoch_seconds),
         "seconds_per_epoch": sum(epoch_seconds) / len(epoch_seconds) if epoch_seconds else None,
         "epochs_to_best": best_epoch[0],
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
-        "checkpoint": trainer.saved_model_file if saved else None,
-    }
+    })
+    return result
 
 
 def _measured_run_worker(kwargs, queue):

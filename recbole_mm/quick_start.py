@@ -58,13 +58,15 @@ def load_pretrained_weights(config, model, config_file_list, config_dict, cmd_ar
         load_pretrained(model, config["pretrained"])
 
 
-def run(model, dataset, config_file_list=None, config_dict=None, saved=True, cmd_args=()):
+def run(model, dataset, config_file_list=None, config_dict=None, saved=True, cmd_args=(),
+        on_built=None, callback_fn=None):
     """Train with early stopping on validation, test the best checkpoint; return the results.
 
     ``cmd_args``: ``--key=value`` strings that override everything else (the CLI passes its own).
     A model class with ``prepare_run(dataset, config_file_list, config_dict, cmd_args)`` first
     produces its inputs (e.g. MMESID's cached embedding and semantic-ID stages) and returns the
-    config_dict to build it with.
+    config_dict to build it with. ``on_built(config, model, trainer)`` runs before training (e.g. to
+    instrument the trainer); ``callback_fn(epoch_idx, valid_score)`` is RecBole's per-validation hook.
     """
     model_class = get_model(model) if isinstance(model, str) else model
     if hasattr(model_class, "prepare_run"):
@@ -72,11 +74,13 @@ def run(model, dataset, config_file_list=None, config_dict=None, saved=True, cmd
     config, (train_data, valid_data, test_data), model, trainer = build(
         model, dataset, config_file_list, config_dict, cmd_args
     )
+    if on_built is not None:
+        on_built(config, model, trainer)
     logger = getLogger()
     if config["resume"]:
         trainer.resume_checkpoint(config["resume"])
     best_valid_score, best_valid_result = trainer.fit(
-        train_data, valid_data, saved=saved, show_progress=config["show_progress"]
+        train_data, valid_data, saved=saved, show_progress=config["show_progress"], callback_fn=callback_fn
     )
     test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
     environment = get_environment(config)
@@ -86,10 +90,12 @@ def run(model, dataset, config_file_list=None, config_dict=None, saved=True, cmd
     return {
         "model": config["model"],
         "dataset": config["dataset"],
-        "best_valid_score": best_valid_score,
+        "seed": config["seed"],
+        "best_valid_score": float(best_valid_score),
         "valid_score_bigger": config["valid_metric_bigger"],
-        "best_valid_result": dict(best_valid_result or {}),
-        "test_result": dict(test_result),
+        "best_valid_result": {key: float(value) for key, value in dict(best_valid_result or {}).items()},
+        "test_result": {key: float(value) for key, value in dict(test_result).items()},
         "checkpoint": trainer.saved_model_file if saved else None,
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "parameters_total": sum(p.numel() for p in model.parameters()),
     }
