@@ -148,30 +148,37 @@ class RQVAE(nn.Module):
 # --------------------------------------------------------------------------------------------
 # Losses
 # --------------------------------------------------------------------------------------------
+def squared_distances(a, b):
+    """||a_i − b_j||² for all pairs, by the expansion ||a||² + ||b||² − 2 a·b (clamped at 0)."""
+    return (a.pow(2).sum(-1, keepdim=True) + b.pow(2).sum(-1) - 2 * a @ b.t()).clamp(min=0)
+
+
 def gaussian_bandwidth(x, y, scale: float = 0.5):
     """σ² = scale · mean pairwise squared distance over the pooled batch [x; y] (diagonal included),
     without gradient (the authors' kernel, tllib GaussianKernel(alpha=0.5))."""
     pooled = torch.cat([x, y]).detach()
-    return scale * torch.cdist(pooled, pooled).pow(2).mean()
+    return scale * squared_distances(pooled, pooled).mean()
 
 
 def gaussian_mmd2(x, y, sigma2=None, bandwidth_scale: float = 0.5):
     """Unbiased MMD² between samples x (n, d) and y (m, d), k(a, b) = exp(-||a-b||² / (2σ²)) (eq. 10):
-    mean_{i≠i'} k(x_i, x_i') + mean_{j≠j'} k(y_j, y_j') − 2 mean_{i,j} k(x_i, y_j)."""
-    if x.shape[0] < 2 or y.shape[0] < 2:
+    mean_{i≠i'} k(x_i, x_i') + mean_{j≠j'} k(y_j, y_j') − 2 mean_{i,j} k(x_i, y_j).
+    One pooled distance matrix serves the bandwidth and all three kernel blocks."""
+    n, m = x.shape[0], y.shape[0]
+    if n < 2 or m < 2:
         raise ValueError("MMD needs at least two samples on each side: use a batch size >= 2.")
+    pooled = torch.cat([x, y])
+    distances = squared_distances(pooled, pooled)
     if sigma2 is None:
-        sigma2 = gaussian_bandwidth(x, y, bandwidth_scale)
+        sigma2 = bandwidth_scale * distances.detach().mean()
     sigma2 = torch.clamp(torch.as_tensor(sigma2, dtype=x.dtype, device=x.device), min=1e-12)
+    kernel = torch.exp(-distances / (2 * sigma2))
 
-    def kernel(a, b):
-        return torch.exp(-torch.cdist(a, b).pow(2) / (2 * sigma2))
+    def off_diagonal_mean(block):
+        size = block.shape[0]
+        return (block.sum() - block.diagonal().sum()) / (size * (size - 1))
 
-    def off_diagonal_mean(matrix):
-        n = matrix.shape[0]
-        return (matrix.sum() - matrix.diagonal().sum()) / (n * (n - 1))
-
-    return off_diagonal_mean(kernel(x, x)) + off_diagonal_mean(kernel(y, y)) - 2 * kernel(x, y).mean()
+    return off_diagonal_mean(kernel[:n, :n]) + off_diagonal_mean(kernel[n:, n:]) - 2 * kernel[:n, n:].mean()
 
 
 def info_nce(query, key, temperature: float = 0.1):
