@@ -238,3 +238,26 @@ def test_stage_with_unavailable_modality_is_a_clear_error(workdir):
     config = speeder_config(workdir, id_features="none", stage_modalities=[["text"], ["text", "id"]], stage_epochs=[1, 1])
     with pytest.raises(RecboleMMError, match="stage_modalities"):
         build("Speeder", "SciSlice", config_dict=config)
+
+
+def test_fits_a_fixed_batch(workdir):
+    """The answer loss reaches the label logits through MoME, PPL, splicing and the LLM: a fixed
+    batch with fixed candidates is learned (the untrained backbone cannot generalise from a slice,
+    but it must be able to fit)."""
+    config = speeder_config(workdir, id_features="none", stage_modalities=[["text", "image"]], stage_epochs=[1],
+                            ppt_rate=0.0, llm_hidden_size=32, mome_hidden_size=16)
+    _, (train_data, _, _), model, _ = build("Speeder", "SciSlice", config_dict=config)
+    model.enter_stage(model.training_stages()[0])
+    batch = first_batch(train_data)[:16]
+    fixed = model.candidate_sampler.evaluation_candidates(batch[model.USER_ID], batch[model.ITEM_SEQ], batch[model.POS_ITEM_ID])
+    model.candidate_sampler.training_candidates = lambda histories, targets: fixed
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    model.train()
+    for _ in range(150):
+        optimizer.zero_grad()
+        model.calculate_loss(batch).backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        accuracy = (model.candidate_scores(batch, fixed[0]).argmax(1) == fixed[1]).float().mean()
+    assert accuracy == 1.0
