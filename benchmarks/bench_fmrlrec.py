@@ -57,17 +57,16 @@ def machine_name():
 
 def scientific(config_dict):
     config = Config(model="FMRLRec", dataset="Scientific", config_dict={"state": "ERROR", **config_dict})
-    train_data, valid_data, test_data = data_preparation(config, create_dataset(config))
+    train_data, _, _ = data_preparation(config, create_dataset(config))
     return config, train_data
 
 
-def plain_config(config, hidden_size):
+def single_size_config(config, hidden_size):
     """The same network at one size, without MRL (a single chunk is a dense layer)."""
-    plain = Config(model="FMRLRec", dataset="Scientific", config_dict={
+    return Config(model="FMRLRec", dataset="Scientific", config_dict={
         "state": "ERROR", "train_batch_size": config["train_batch_size"],
         "hidden_size": hidden_size, "mrl_sizes": [hidden_size],
     })
-    return plain
 
 
 # ----- training time ------------------------------------------------------------------------
@@ -77,14 +76,14 @@ def train_time(args):
     dataset = train_data.dataset
     sizes = resolve_mrl_sizes(config["mrl_sizes"], args.hidden)
     models = {f"FMRLRec d={args.hidden}, sizes {sizes}": FMRLRec(config, dataset)}
-    models[f"LRU d={args.hidden}, no MRL"] = FMRLRec(plain_config(config, args.hidden), dataset)
+    models[f"LRU d={args.hidden}, no MRL"] = FMRLRec(single_size_config(config, args.hidden), dataset)
     sasrec_config = Config(model="SASRec", dataset="Scientific", config_dict={
         "state": "ERROR", "hidden_size": args.hidden, "inner_size": args.hidden,
         "train_batch_size": args.batch_size,
     })
     models[f"SASRec d={args.hidden} (RecBole)"] = SASRec(sasrec_config, dataset)
     for size in sizes[:-1]:
-        models[f"LRU d={size}, no MRL"] = FMRLRec(plain_config(config, size), dataset)
+        models[f"LRU d={size}, no MRL"] = FMRLRec(single_size_config(config, size), dataset)
     optimizers = {}
     for name, model in models.items():
         model.to(device).train()
