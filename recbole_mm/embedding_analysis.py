@@ -52,7 +52,7 @@ def write_spectrum(matrices, out_prefix):
             axes.plot(range(1, len(values) + 1), log_values.numpy(), label=name)
     axes.set_xlabel("dimension index")
     axes.set_ylabel("log10 singular value / max")
-    axes.legend()
+    axes.legend(fontsize="small")
     figure.tight_layout()
     figure.savefig(png_path, dpi=120)
     plt.close(figure)
@@ -152,7 +152,8 @@ def main(argv=None):
     kendall.add_argument("--config_files", default=None)
     args = parser.parse_args(argv)
     if args.command == "spectrum":
-        csv_path, png_path = write_spectrum({spec: load_item_matrix(spec) for spec in args.matrices}, args.out)
+        matrices = {Path(spec).name: load_item_matrix(spec) for spec in args.matrices}  # short plot labels
+        csv_path, png_path = write_spectrum(matrices, args.out)
         print(f"wrote {csv_path} and {png_path}")
     else:
         files = args.config_files.split() if args.config_files else None
