@@ -261,3 +261,16 @@ def test_fits_a_fixed_batch(workdir):
     with torch.no_grad():
         accuracy = (model.candidate_scores(batch, fixed[0]).argmax(1) == fixed[1]).float().mean()
     assert accuracy == 1.0
+
+
+def test_lora_stages_train_only_adapters_of_the_llm(workdir):
+    config = speeder_config(workdir, llm_tuning="lora", lora_target_modules=["q_proj", "v_proj"])
+    _, (train_data, _, _), model, _ = build("Speeder", "SciSlice", config_dict=config)
+    batch = first_batch(train_data)
+    for stage in model.training_stages():
+        model.enter_stage(stage)
+        model.zero_grad(set_to_none=True)
+        model.calculate_loss(batch).backward()
+        for name, parameter in model.llm.named_parameters():
+            is_lora = "lora_" in name
+            assert parameter.requires_grad == is_lora and (parameter.grad is not None) == is_lora, (stage.name, name)
