@@ -188,8 +188,9 @@ def save_submodel(checkpoint_path: str, size: int, output_path: str, cmd_args: S
     trainer.cur_step = checkpoint.get("cur_step", 0)
     trainer.best_valid_score = checkpoint.get("best_valid_score", trainer.best_valid_score)
     trainer._save_checkpoint(checkpoint.get("epoch", 0), saved_model_file=output_path, verbose=False)
-    model_keys = yaml.safe_load((PROPERTIES_DIR / "model" / "FMRLRec.yaml").read_text())
-    settings = {key: plain_config(small_config)[key] for key in model_keys}
+    # the model's own keys, plus the modalities (a dataset-level default the run may have overridden)
+    model_keys = ["modalities", *yaml.safe_load((PROPERTIES_DIR / "model" / "FMRLRec.yaml").read_text())]
+    settings = {key: plain_config(small_config)[key] for key in dict.fromkeys(model_keys)}
     Path(output_path).with_suffix(".yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
     return small
 

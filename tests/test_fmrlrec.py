@@ -40,6 +40,7 @@ def tiny_config(**overrides):
         USER_ID_FIELD="user_id", ITEM_ID_FIELD="item_id", LIST_SUFFIX="_list",
         ITEM_LIST_LENGTH_FIELD="item_length", NEG_PREFIX="neg_", MAX_ITEM_LIST_LENGTH=12, device="cpu",
         hidden_size=32, mrl_sizes=None, n_layers=2, ffn_expansion=2, lru_r_min=0.5, lru_r_max=0.9,
+        modalities=list(FEATURE_DIMS),  # what a dataset yaml declaring both tables gives
     )
     config.update(overrides)
     return config
@@ -182,11 +183,13 @@ def run_cli(*args, cwd):
 
 def test_one_epoch_cli_run_extract_and_evaluate(scientific_dir, in_tmp_cwd):
     """run_recbole_mm.py trains 1 epoch on Scientific; the extracted size-8 checkpoint holds the
-    full model's leading corners and the CLI runs it on its own with the per-size metrics of size 8."""
+    full model's leading corners and the CLI runs it on its own with the per-size metrics of size 8
+    (a text-only run, so the extracted settings must carry the modalities too)."""
     data = f"--data_path={scientific_dir.parent}"
     checkpoint_dir = in_tmp_cwd / "saved"
     run_cli("--model=FMRLRec", "--dataset=Scientific", data, f"--checkpoint_dir={checkpoint_dir}", "--epochs=1",
-            "--hidden_size=16", "--show_progress=False", "--train_batch_size=512", cwd=in_tmp_cwd)
+            "--hidden_size=16", "--modalities=['text']", "--show_progress=False", "--train_batch_size=512",
+            cwd=in_tmp_cwd)
     (checkpoint,) = checkpoint_dir.glob("FMRLRec-*.pth")
 
     from recbole_mm.fmrlrec_tools import evaluate_sizes, load_run, save_submodel
@@ -202,7 +205,8 @@ def test_one_epoch_cli_run_extract_and_evaluate(scientific_dir, in_tmp_cwd):
     assert saved_state.keys() == expected_state.keys()
     for name, tensor in expected_state.items():
         assert torch.equal(saved_state[name], tensor), name
-    assert yaml.safe_load(small_path.with_suffix(".yaml").read_text())["hidden_size"] == 8
+    small_settings = yaml.safe_load(small_path.with_suffix(".yaml").read_text())
+    assert small_settings["hidden_size"] == 8 and small_settings["modalities"] == ["text"]
 
     small_test = run_cli("--model=FMRLRec", "--dataset=Scientific", data, f"--config_files={small_path.with_suffix('.yaml')}",
                          f"--resume={small_path}", "--epochs=0", "--show_progress=False", cwd=in_tmp_cwd)
