@@ -139,20 +139,26 @@ def stages(out_dir, extra, skip=()):
 
     dataset, item_seq, item_seq_len, targets = split_sequences(DATASET, "test")
     e_c = load_item_matrix(f"{collab_file}:embedding", dataset)
+
+    def files(name):
+        return records[name]["result"]["files"]
+
+    # each embedding against the E_c its own run was built from
     pairs = {
-        "RQ-VAE MMD: quantised E_c (before fine-tuning)":
-            f"{records['tokenizer']['result']['files']['mmesid_sid_file']}:quantized.collab",
+        "RQ-VAE MMD: quantised E_c (before fine-tuning)": ("tokenizer", f"{files('tokenizer')['mmesid_sid_file']}:quantized.collab"),
         "RQ-VAE MSE: quantised E_c (before fine-tuning)":
-            f"{records['tokenizer-mse']['result']['files']['mmesid_sid_file']}:quantized.collab",
-        "codebook init: collab SID embedding after fine-tuning": f"{records['llm']['result']['tables_file']}:quantized.collab",
+            ("tokenizer-mse", f"{files('tokenizer-mse')['mmesid_sid_file']}:quantized.collab"),
+        "codebook init: collab SID embedding after fine-tuning":
+            ("llm", f"{records['llm']['result']['tables_file']}:quantized.collab"),
         "random init: collab SID embedding after fine-tuning":
-            f"{records['llm-random']['result']['tables_file']}:quantized.collab",
+            ("llm-random", f"{records['llm-random']['result']['tables_file']}:quantized.collab"),
     }
     print(f"\nKendall's tau of behaviour-target Euclidean distances vs E_c ({DATASET} test split, "
           f"{int(item_seq_len.sum())} pairs)")
-    for label, spec in pairs.items():
-        tau = behaviour_target_kendall(e_c, load_item_matrix(spec, dataset), item_seq, item_seq_len, targets)
-        print(f"  {label:<58}{tau:>8.4f}")
+    for label, (run_name, spec) in pairs.items():
+        own_e_c = load_item_matrix(f"{files(run_name)['mmesid_collab_file']}:embedding", dataset)
+        tau = behaviour_target_kendall(own_e_c, load_item_matrix(spec, dataset), item_seq, item_seq_len, targets)
+        print(f"  {label:<58}{tau:>8.4f}   ({Path(files(run_name)['mmesid_sid_file']).name})")
 
     spectra = {"E_c (SASRec)": e_c[1:],
                "MMESID input (codebook init)": load_item_matrix(f"{records['llm']['result']['tables_file']}:input_table")[1:],
