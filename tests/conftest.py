@@ -58,6 +58,7 @@ def scientific_slice_config(data_root, name="SciSlice", **overrides):
         "alias_of_item_id": ["item_id_list"],
         "load_col": {"inter": ["user_id", "item_id_list", "item_id"]},
         "TIME_FIELD": None,
+        "modalities": ["text", "image"],
         "feature_tables": {
             "text": {"path": f"{name}.feat1CLS", "dim": 512},
             "image": {"path": f"{name}.feat3CLS", "dim": 512},

@@ -21,7 +21,7 @@ def test_each_layer_overrides_the_one_below(scientific_dir, tmp_path):
     assert config["MAX_ITEM_LIST_LENGTH"] == dataset_yaml["MAX_ITEM_LIST_LENGTH"]
     assert config["hidden_size"] == model_yaml["hidden_size"]
     assert config["feature_dropout_prob"] == model_yaml["feature_dropout_prob"]
-    assert config["modalities"] == model_yaml["modalities"]
+    assert config["modalities"] == dataset_yaml["modalities"] == ["text", "image"]
     assert config["data_path"].endswith("Scientific")
 
     user_file = tmp_path / "user.yaml"

@@ -45,6 +45,7 @@ def test_item2index_mapping_and_timestamps(in_tmp_cwd):
     config = {
         "data_path": str(root),
         "feature_tables": {"text": {"path": "TimeToy.text.npy"}, "image": {"path": "TimeToy.image.npy"}},
+        "modalities": ["text", "image"],
         "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
         "eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "mode": "full", "group_by": "user"},
         "show_progress": False,

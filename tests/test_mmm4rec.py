@@ -26,6 +26,7 @@ def timestamped_config(root, **overrides):
         "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
         "TIME_FIELD": "timestamp",
         "feature_tables": {"text": {"path": "TimeToy.text.npy"}, "image": {"path": "TimeToy.image.npy"}},
+        "modalities": ["text", "image"],
         "MAX_ITEM_LIST_LENGTH": 10,
         **TINY,
         **overrides,
