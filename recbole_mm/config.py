@@ -12,6 +12,7 @@ import yaml
 from recbole.config import Config as RecBoleConfig
 
 from recbole_mm import compat  # noqa: F401  (warning filters before RecBole loads data)
+from recbole_mm import evaluator  # noqa: F401  (registers HR / ValidRatio / VHR before metric names are checked)
 from recbole_mm.distributed import init_distributed_device
 from recbole_mm.utils import RecboleMMError, get_model
 

@@ -10,6 +10,7 @@ from recbole.data import data_preparation
 from recbole.utils import get_environment, init_logger, init_seed, set_color
 
 from recbole_mm.config import Config
+from recbole_mm.evaluator.candidate_protocol import with_candidate_protocol
 from recbole_mm.utils import RecboleMMError, create_dataset, get_model, get_trainer
 
 
@@ -40,7 +41,10 @@ def build(model, dataset, config_file_list=None, config_dict=None, cmd_args=()):
     model = config.model_class(config, train_data.dataset).to(config["device"])
     logger.info(model)
     load_pretrained_weights(config, model, config_file_list, config_dict, cmd_args)
-    trainer = get_trainer(config["MODEL_TYPE"], config["model"], config.model_class)(config, model)
+    trainer_class = get_trainer(config["MODEL_TYPE"], config["model"], config.model_class)
+    if config["candidate_protocol"]:
+        trainer_class = with_candidate_protocol(trainer_class)
+    trainer = trainer_class(config, model)
     return config, (train_data, valid_data, test_data), model, trainer
 
 

@@ -157,3 +157,19 @@ def test_stages_freeze_what_they_say(slice_root, monkeypatch):
         changed = not torch.equal(value, before[name])
         assert changed == name.startswith("feature_projection"), name
     assert not torch.equal(snapshots[1][1]["position_embedding.weight"], before["position_embedding.weight"])
+
+
+def test_candidate_protocol_for_any_model(slice_root):
+    """A built-in model ranked only on the fixed candidate sets: HR@1 is a fraction of users, and
+    the same sets come back for a second build (fixed by seed)."""
+    overrides = dict(candidate_protocol=True, metrics=["HR", "ValidRatio", "VHR"], topk=[1], valid_metric="HR@1")
+    _, (train, valid, test), _, trainer = build_slice(slice_root, model="SASRec", **overrides)
+    assert type(trainer).__name__.startswith("Candidate")
+    trainer.fit(train, valid, saved=True, show_progress=False)
+    first = trainer.evaluate(test, load_best_model=True)
+    assert set(first) == {"hr@1", "validratio", "vhr@1"}
+    assert first["validratio"] == 1.0 and first["vhr@1"] == first["hr@1"]
+    assert 0.0 <= first["hr@1"] <= 1.0
+    _, (_, _, test_again), _, trainer_again = build_slice(slice_root, model="SASRec", **overrides)
+    trainer_again.model.load_state_dict(trainer.model.state_dict())
+    assert trainer_again.evaluate(test_again, load_best_model=False) == first
