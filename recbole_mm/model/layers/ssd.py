@@ -175,8 +175,12 @@ def ssd_chunked(x, delta, A, B, C, D=None, chunk_size=32):
     log_decay = split(deltaf * A.to(dtype)).squeeze(-1)  # (b, c, h, l)
     log_decay_cum = log_decay.cumsum(dim=-1)
 
-    # Within a chunk: the quadratic form.
-    intra_mask = torch.exp(segment_sum(log_decay))  # (b, c, h, t, s)
+    # Within a chunk: the quadratic form. The decay mask comes from differences of the within-chunk
+    # cumulative sum (as mamba-ssm's chunk kernel does): at most chunk_size terms, so no cancellation
+    # worth the cost of segment_sum's masked cumsum over (t, s).
+    causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=x.device).tril()
+    log_intra = log_decay_cum[..., :, None] - log_decay_cum[..., None, :]
+    intra_mask = torch.exp(log_intra.masked_fill(~causal, float("-inf")))  # (b, c, h, t, s)
     y = ((Cc @ Bc.transpose(-1, -2)) * intra_mask) @ x_in  # (b, c, h, l, p)
 
     # State each chunk leaves behind, from its own inputs only (decayed to the chunk's end).
@@ -185,9 +189,11 @@ def ssd_chunked(x, delta, A, B, C, D=None, chunk_size=32):
     chunk_decay = torch.exp(log_decay_cum[..., -1])  # (b, c, h): total decay across a chunk
 
     # Between chunks: the recurrence, one step per chunk (state entering chunk c).
-    entering = [torch.zeros_like(chunk_states[:, 0])]
+    # (unbind once: indexing inside the loop would make autograd build a full-size zero gradient per step)
+    states, decays = chunk_states.unbind(dim=1), chunk_decay.unbind(dim=1)
+    entering = [torch.zeros_like(states[0])]
     for c in range(1, chunks):
-        entering.append(chunk_decay[:, c - 1, :, None, None] * entering[-1] + chunk_states[:, c - 1])
+        entering.append(decays[c - 1][..., None, None] * entering[-1] + states[c - 1])
     entering = torch.stack(entering, dim=1)  # (b, c, h, n, p)
 
     # Contribution of the entering state to each position: C_t . (decay from chunk start to t) h.
