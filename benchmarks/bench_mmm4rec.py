@@ -188,7 +188,7 @@ def write_scientific_copy(root, name, keep_user=lambda user: True, max_len=20):
     return {
         "data_path": str(root), "benchmark_filename": ["train", "valid", "test"],
         "alias_of_item_id": ["item_id_list"], "load_col": {"inter": ["user_id", "item_id_list", "item_id"]},
-        "TIME_FIELD": None, "MAX_ITEM_LIST_LENGTH": max_len,
+        "TIME_FIELD": None, "MAX_ITEM_LIST_LENGTH": max_len, "modalities": ["text", "image"],
         "feature_tables": {"text": {"path": "Shared.feat1CLS", "dim": 512}, "image": {"path": "Shared.feat3CLS", "dim": 512}},
         "modalities": ["text", "image"],
     }

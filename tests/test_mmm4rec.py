@@ -16,7 +16,7 @@ from recbole_mm.quick_start import build
 from recbole_mm.transfer import load_pretrained, parse_dataset_list
 from run_recbole_mm import main as cli_main
 
-TINY = dict(hidden_size=16, inner_size=32, d_state=8, head_dim=8, n_groups=2, chunk_size=4,
+TINY = dict(modalities=["text", "image"], hidden_size=16, inner_size=32, d_state=8, head_dim=8, n_groups=2, chunk_size=4,
             show_progress=False, epochs=1, train_batch_size=64, eval_batch_size=64)
 
 
