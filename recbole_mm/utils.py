@@ -93,8 +93,10 @@ def create_dataset(config):
     special = config["model"] + "Dataset"
     if hasattr(dataset_module, special):
         return getattr(dataset_module, special)(config)
-    type_to_class = {
-        ModelType.SEQUENTIAL: "SequentialDataset",
-        ModelType.KNOWLEDGE: "KnowledgeBasedDataset",
-    }
-    return getattr(dataset_module, type_to_class.get(config["MODEL_TYPE"], "Dataset"))(config)
+    if config["MODEL_TYPE"] == ModelType.SEQUENTIAL:
+        from recbole_mm.data import SequentialDataset
+
+        return SequentialDataset(config)
+    if config["MODEL_TYPE"] == ModelType.KNOWLEDGE:
+        return dataset_module.KnowledgeBasedDataset(config)
+    return dataset_module.Dataset(config)

@@ -203,3 +203,29 @@ def test_large_table_is_copied_once(tmp_path):
     source = np.load(tmp_path / "big.npy", mmap_mode="r")
     for internal_id in (1, 777, n_rows):
         assert np.array_equal(result[internal_id].numpy(), source[int(tokens[internal_id])])
+
+
+@pytest.mark.parametrize("model", ["MMSASRec", "SASRec"])
+def test_long_benchmark_histories_keep_their_most_recent_items(scientific_slice, scientific_dir, model):
+    config_dict = scientific_slice_config(scientific_slice, MAX_ITEM_LIST_LENGTH=3)
+    config_obj = Config(model, "SciSlice", config_dict=config_dict)
+    dataset = create_dataset(config_obj)
+    train_data, _, test_data = data_preparation(config_obj, dataset)
+    raw = {}
+    for line in (scientific_dir / "Scientific.test.inter").read_text().splitlines()[1:]:
+        user, history, _ = line.split("\t")
+        raw[user] = history.split()
+    tokens = dataset.field2id_token["item_id"]
+    users = dataset.field2id_token["user_id"]
+    for batch in test_data:
+        interaction = batch[0]
+        assert interaction["item_id_list"].shape[1] == 3
+        for user, items, length in zip(interaction["user_id"], interaction["item_id_list"], interaction["item_length"]):
+            expected = raw[users[user]][-3:]
+            assert [tokens[i] for i in items[:length]] == expected
+    for interaction in train_data:  # and a model with 3 position embeddings trains on it
+        from recbole_mm.utils import get_model
+
+        model_obj = get_model(model)(config_obj, train_data.dataset)
+        model_obj.calculate_loss(interaction).backward()
+        break

@@ -1,3 +1,3 @@
-from recbole_mm.data.dataset import MultimodalSequentialDataset
+from recbole_mm.data.dataset import MultimodalSequentialDataset, SequentialDataset
 
-__all__ = ["MultimodalSequentialDataset"]
+__all__ = ["MultimodalSequentialDataset", "SequentialDataset"]

@@ -1,10 +1,27 @@
 """The feature hook: RecBole's SequentialDataset plus frozen per-item feature tables."""
 from pathlib import Path
 
-from recbole.data.dataset import SequentialDataset
+from recbole.data.dataset import SequentialDataset as RecBoleSequentialDataset
+from recbole.utils import FeatureType
 
 from recbole_mm.data.features import FeatureTableSpec, describe_missing, load_feature_table
 from recbole_mm.utils import RecboleMMError
+
+
+class SequentialDataset(RecBoleSequentialDataset):
+    """RecBole's SequentialDataset, except that pre-split (benchmark) histories longer than
+    ``MAX_ITEM_LIST_LENGTH`` keep their most recent items. RecBole keeps them whole (models with
+    position embeddings of that size then crash), and its ``seq_len`` option keeps the oldest."""
+
+    def _benchmark_presets(self):
+        max_length = self.config["MAX_ITEM_LIST_LENGTH"]
+        for field in list(self.inter_feat):
+            if field.endswith(self.config["LIST_SUFFIX"]) and self.field2type[field] in (
+                FeatureType.TOKEN_SEQ, FeatureType.FLOAT_SEQ
+            ):
+                self.inter_feat[field] = self.inter_feat[field].map(lambda seq: seq[-max_length:])
+                self.field2seqlen[field] = min(self.field2seqlen[field], max_length)
+        super()._benchmark_presets()
 
 
 class MultimodalSequentialDataset(SequentialDataset):
