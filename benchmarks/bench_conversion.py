@@ -9,33 +9,18 @@ stages (atomic files, encoder load, title encoding, genre encoding) into a fresh
 re-run, which finds everything current in the manifest and does no work.
 """
 import argparse
-import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
+from recbole_mm.measure import machine_description  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # dataset_conversion/ is not installed
 
 from dataset_conversion import movielens  # noqa: E402
 from dataset_conversion.common import read_item2index, read_item_table  # noqa: E402
 from dataset_conversion.encode_features import encode_text_modality, load_text_encoder  # noqa: E402
-
-
-def machine_name(device):
-    if device == "cuda":
-        return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    load = ", load average %.1f (shared machine: other jobs slow it)" % os.getloadavg()[0] if hasattr(os, "getloadavg") else ""
-    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads (torch {torch.__version__}){load}"
 
 
 def timed(function):
@@ -71,7 +56,7 @@ def main():
             best = min(timed(lambda: encoder.encode(texts, batch_size, False))[0] for _ in range(args.repeats))
             throughput[batch_size] = (best, len(texts) / best)
 
-    print(f"machine: {machine_name(args.device)}")
+    print(f"machine: {machine_description()}")
     print(f"\ntext encoder throughput: {encoder.label} on {len(texts)} ml-100k titles ({args.device})")
     print(f"{'batch size':>10} | {'seconds':>8} | {'items/s':>8}")
     for batch_size, (seconds, rate) in throughput.items():

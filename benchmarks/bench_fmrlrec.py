@@ -20,7 +20,6 @@ accounting, and saves the metric-vs-size plot.
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -41,18 +40,7 @@ from recbole_mm.fmrlrec_tools import (
 )
 from recbole_mm.model.fmrlrec import FMRLRec, resolve_mrl_sizes
 from recbole_mm.utils import create_dataset
-
-
-def machine_name():
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    if torch.cuda.is_available():
-        cpu = f"{torch.cuda.get_device_name()} + {cpu}"
-    return f"{cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+from recbole_mm.measure import machine_description  # noqa: E402
 
 
 def scientific(config_dict):
@@ -123,7 +111,7 @@ def train_time(args):
     fmrl, plain, sasrec = (epoch_times[n] for n in names[:3])
     separate = sum(epoch_times[n] for n in names if n.startswith("LRU"))
     print(f"\nTraining time per epoch on Scientific ({len(train_data.dataset)} training sequences, "
-          f"batch {args.batch_size}, {len(train_data)} batches); {machine_name()}")
+          f"batch {args.batch_size}, {len(train_data)} batches); {machine_description()}")
     print("measured " + ("over whole epochs" if args.full_epoch else
                          f"as median step time x batches ({args.batches} batches x {args.rounds} rounds, models interleaved)"))
     print("\n| model | parameters | s / epoch | vs LRU d=%d no MRL |" % args.hidden)
@@ -145,7 +133,7 @@ def inference(args):
     table = model.item_table()
     n_items = table.shape[0]
     print(f"\nIncremental next-item scoring, FMRLRec d={args.hidden}, n_layers={config['n_layers']}, "
-          f"{n_items} items; {machine_name()}")
+          f"{n_items} items; {machine_description()}")
     print("time per appended interaction (median of %d); 'score' includes scoring all items" % args.repeats)
     print("\n| L | batch | re-encode (ms) | step (ms) | speed-up | re-encode + score (ms) | step + score (ms) | speed-up | max abs diff |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -199,7 +187,7 @@ def accuracy(args):
         start = time.perf_counter()
         result = run(model, "Scientific", config_dict={**common, **model_settings[model]})
         result["train_minutes"] = (time.perf_counter() - start) / 60
-        result["machine"] = machine_name()
+        result["machine"] = machine_description()
         (out / f"accuracy_{model}.json").write_text(json.dumps(result, indent=1, default=str))
 
     results = {model: json.loads((out / f"accuracy_{model}.json").read_text())

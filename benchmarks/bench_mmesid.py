@@ -19,8 +19,6 @@ length: LLM input length per test user, MMESID (one token per history item) vs a
 """
 import argparse
 import json
-import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -29,21 +27,12 @@ import time
 from pathlib import Path
 
 import torch
+from recbole_mm.measure import machine_description  # noqa: E402
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_ROOT))
 
 DATASET = "Scientific"
-
-
-def machine_name():
-    cpu = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads (torch {torch.__version__})"
 
 
 # --------------------------------------------------------------------------------------------
@@ -112,7 +101,7 @@ def stages(out_dir, extra, skip=()):
     extra = [*extra, f"--checkpoint_dir={out_dir / 'saved'}"]
     records = {name: run_variant(name, out_dir, extra) for name in VARIANTS if name not in skip}
 
-    print(f"\nMMESID stages on {DATASET}, CPU default backbone. Machine: {machine_name()}")
+    print(f"\nMMESID stages on {DATASET}, CPU default backbone. Machine: {machine_description()}")
     print(f"{'stage':<15}{'wall s':>10}{'peak RSS MB':>14}")
     for name, record in records.items():
         print(f"{name:<15}{record['wall_s']:>10.1f}{record['peak_rss_mb']:>14.0f}")
@@ -182,7 +171,7 @@ def length(levels, batch, repeats):
     backbones = {"CPU default (64-d, 2 layers)": {},
                  "larger (256-d, 4 layers)": {"llm_hidden_size": 256, "llm_num_layers": 4, "llm_num_heads": 4}}
     print(f"LLM input length per test user on {DATASET} ({len(item_seq_len)} users, history capped at "
-          f"{config['MAX_ITEM_LIST_LENGTH']}). Machine: {machine_name()}")
+          f"{config['MAX_ITEM_LIST_LENGTH']}). Machine: {machine_description()}")
     torch.manual_seed(0)
     for label, sizes in backbones.items():
         llm = backbone_from_config({**{k: config[k] for k in config.final_config_dict if k.startswith("llm_")},

@@ -20,7 +20,6 @@ same settings and seed. Reported: epochs to best validation NDCG@10 and test NDC
 """
 import argparse
 import os
-import platform
 import shutil
 import tempfile
 import time
@@ -31,17 +30,7 @@ import torch
 from recbole_mm.config import default_data_path
 from recbole_mm.quick_start import build
 from recbole_mm.transfer import load_pretrained, pretrain
-
-
-def machine_name():
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{cpu}, {torch.get_num_threads()} torch threads"
-    return f"{device} (torch {torch.__version__}, load average {os.getloadavg()[0]:.1f} at start)"
+from recbole_mm.measure import machine_description  # noqa: E402
 
 
 def shared_settings(args):
@@ -119,7 +108,7 @@ def compare(args):
         rows.append((name, result))
         print(f"done {name}: {result}", flush=True)
     sasrec = dict(rows).get("SASRec")
-    print(f"\nmachine: {machine_name()}")
+    print(f"\nmachine: {machine_description()}")
     print(f"Scientific, hidden {args.hidden_size}, batch {args.batch_size}, lr {args.learning_rate}, <= {args.epochs} "
           f"epochs, early stop {args.stopping_step}, item lists cut to the last 20, seed {args.seed}")
     print("| model | params | s / train epoch | epochs run | best epoch | test NDCG@10 | test Recall@10 | NDCG@10 / SASRec |")
@@ -153,7 +142,7 @@ def timing(args):
             optimizer.step()
             if step:  # step 0 is warm-up
                 step_times[name].append(clock() - start)
-    print(f"\nmachine: {machine_name()}")
+    print(f"\nmachine: {machine_description()}")
     print(f"Scientific train split (lists cut to the last 20), hidden {args.hidden_size}, batch {args.batch_size}, median of {args.timing_steps} "
           "training steps per model (forward+backward+NAdam/Adam step), models interleaved step by step, "
           f"clock: {'CPU time, 1 thread' if clock is time.process_time else 'wall time'}")
@@ -207,7 +196,7 @@ def transfer(args):
     pretrain_s = time.perf_counter() - start
     scratch = train_and_test("MMM4Rec", names[2], common, time_budget_s=args.time_budget_s)
     tuned = train_and_test("MMM4Rec", names[2], common, pretrained=checkpoint, time_budget_s=args.time_budget_s)
-    print(f"\nmachine: {machine_name()}")
+    print(f"\nmachine: {machine_description()}")
     print(f"target {names[2]} (users with index % 3 == 2); pre-training on {names[:2]} (users % 3 in {{0, 1}}): "
           f"{args.pretrain_epochs} epochs, 2 layers, in-batch CE, lr {args.pretrain_learning_rate}, {pretrain_s:.0f}s")
     print(f"fine-tune / scratch: 1 layer, hidden {args.hidden_size}, batch {args.batch_size}, lr {args.learning_rate}, "

@@ -21,7 +21,6 @@ Speeder's free-generation ValidRatio.
 """
 import argparse
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -40,18 +39,9 @@ from recbole_mm.model.layers.llm import backbone_from_config  # noqa: E402
 from recbole_mm.model.layers.mome import MultimodalItemCompressor  # noqa: E402
 from recbole_mm.model.speeder import HybridPrompt  # noqa: E402
 from recbole_mm.quick_start import build  # noqa: E402
+from recbole_mm.measure import machine_description  # noqa: E402
 
 CANDIDATE_LABELS = ["A", "B", "C", "D", "E"]
-
-
-def machine_name():
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads (torch {torch.__version__})"
 
 
 def scientific_titles():
@@ -123,7 +113,7 @@ def efficiency(args):
         flat = items.reshape(-1)
         return compressor({name: table[flat] for name, table in features.items()}).view(*items.shape, -1)
 
-    print(f"Speeder prompt efficiency vs LLaRA-style title prompt; machine: {machine_name()}")
+    print(f"Speeder prompt efficiency vs LLaRA-style title prompt; machine: {machine_description()}")
     print(f"backbone: Llama hidden {args.llm_hidden_size}, {args.llm_num_layers} layers, vocab {len(llm.tokenizer)}; "
           f"batch {batch}; m = {m}; mean Scientific title = {mean_title:.1f} tokens -> every title (prompt and "
           f"answer) {answer_title_len} tokens; median of {args.repeats}")
@@ -227,7 +217,7 @@ def accuracy(args):
         results.append((model_name, "rank", result, time.perf_counter() - start))
         print(results[-1], flush=True)
     users = f"first {args.n_users} users of Scientific" if args.n_users else "Scientific"
-    print(f"Candidate protocol, test split of {users} (5 candidates, seed 2020); machine: {machine_name()}")
+    print(f"Candidate protocol, test split of {users} (5 candidates, seed 2020); machine: {machine_description()}")
     print(f"Speeder: stage_epochs {args.stage_epochs}, CPU default backbone (untrained Llama, Speeder.yaml sizes)")
     print("| model | answer | HR@1 | ValidRatio | VHR@1 | wall s |")
     print("|---|---|---|---|---|---|")

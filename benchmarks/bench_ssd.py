@@ -8,24 +8,12 @@ ratio columns compare them side by side. The mamba-ssm column appears only on CU
 """
 
 import argparse
-import platform
 import time
 
 import torch
 
 from recbole_mm.model.layers.ssd import discretization_step, mamba_chunk_scan_kernel, ssd, ssd_naive
-
-
-def machine_name(device):
-    if device == "cuda":
-        return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {torch.get_num_threads()} torch threads (torch {torch.__version__})"
+from recbole_mm.measure import machine_description  # noqa: E402
 
 
 def make_inputs(batch, length, heads, head_dim, groups, d_state, device):
@@ -86,7 +74,7 @@ def main():
     if args.device == "cuda" and mamba_chunk_scan_kernel() is not None:
         methods["mamba_ssm"] = lambda *a: ssd(*a, chunk_size=chunk, impl="mamba_ssm")
 
-    print(f"machine: {machine_name(args.device)}; clock: "
+    print(f"machine: {machine_description()}; clock: "
           f"{'CPU time of this process' if clock is time.process_time else 'wall time'}")
     print(f"forward+backward, batch {args.batch}, heads {args.heads}, head_dim {args.head_dim}, "
           f"groups {args.groups}, d_state {args.d_state}, chunk {chunk}, best of {args.repeats} (ms)")

@@ -7,6 +7,7 @@ Used by ``recbole_mm.experiments`` (side-by-side tables) and the scripts in ``be
 import hashlib
 import json
 import multiprocessing
+import os
 import platform
 import queue as queue_module
 import resource
@@ -19,6 +20,8 @@ from recbole_mm.compat import plain_config
 
 
 def machine_description():
+    """CPU model, cores, torch threads, GPU (if any), torch version and the current load average
+    (benchmarks on shared machines are only comparable side by side)."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as file:
@@ -26,7 +29,9 @@ def machine_description():
     except (OSError, StopIteration):
         pass
     device = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
-    return f"{cpu}, {torch.get_num_threads()} torch threads{device}, torch {torch.__version__}"
+    load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
+    return (f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads{device}, "
+            f"torch {torch.__version__}{load}")
 
 
 def effective_config(model, dataset, config_file_list=None, config_dict=None, cmd_args=()):

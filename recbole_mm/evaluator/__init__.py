@@ -2,3 +2,5 @@
 from recbole_mm.evaluator.candidate_metrics import HR, VHR, ValidRatio, register_candidate_metrics
 
 register_candidate_metrics()
+
+__all__ = ["HR", "VHR", "ValidRatio", "register_candidate_metrics"]
