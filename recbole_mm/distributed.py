@@ -189,6 +189,13 @@ def launch(model, dataset, nproc=1, world_size=None, offset=0, ip="localhost", p
         model_class.prepare_run(dataset, config_file_list, config_dict, list(cmd_args))
     distributed = {"nproc": nproc, "world_size": world_size or nproc, "offset": offset, "ip": ip,
                    "port": int(port), "backend": backend}
+    # RecBole creates its log, tensorboard and checkpoint folders with exists-then-makedirs checks,
+    # which the workers race on: create them once here
+    from recbole_mm.config import Config
+
+    checkpoint_dir = Config(model_class, dataset, config_file_list, config_dict, list(cmd_args))["checkpoint_dir"]
+    for folder in (os.path.join("log", model_class.__name__), "log_tensorboard", checkpoint_dir):
+        os.makedirs(folder, exist_ok=True)
     queue = mp.get_context("spawn").SimpleQueue()
     mp.spawn(_worker, args=(model, dataset, config_file_list, config_dict, list(cmd_args), distributed, saved, queue),
              nprocs=nproc, join=True)
