@@ -37,7 +37,7 @@ from torch.nn import functional as F
 from recbole_mm.data.candidates import CandidateSampler, position_proxy_batch
 from recbole_mm.evaluator import register_candidate_metrics
 from recbole_mm.model.abstract import MultimodalSequentialRecommender
-from recbole_mm.model.layers.llm import ITEM_PLACEHOLDER, backbone_from_config
+from recbole_mm.model.layers.llm import ITEM_PLACEHOLDER, backbone_from_config, pad_rows
 from recbole_mm.model.layers.mome import MultimodalItemCompressor
 from recbole_mm.trainer import TrainingStage
 from recbole_mm.utils import RecboleMMError
@@ -124,17 +124,6 @@ class HybridPrompt:
         words = set(re.findall(r"\w+", text))
         named = [slot for slot, label in enumerate(self.labels[:n_candidates]) if label.lower() in words]
         return named[0] if len(named) == 1 else -1
-
-
-def pad_rows(rows, pad_id, device):
-    """Right-pad token-id lists -> (input_ids, attention_mask)."""
-    width = max(len(row) for row in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for b, row in enumerate(rows):
-        input_ids[b, : len(row)] = torch.tensor(row, dtype=torch.long)
-        attention_mask[b, : len(row)] = 1
-    return input_ids.to(device), attention_mask.to(device)
 
 
 def most_recent_items(histories, lengths, n_max):

@@ -233,6 +233,11 @@ def build_prompt_ids(prefix_ids, n_items, suffix_ids, placeholder_id: int, pad_i
     """
     n_items = torch.as_tensor(n_items).tolist()
     rows = [list(prefix_ids) + [placeholder_id] * n + list(suffix_ids) for n in n_items]
+    return pad_rows(rows, pad_id, device)
+
+
+def pad_rows(rows, pad_id, device=None):
+    """Right-pad token-id lists -> ``input_ids`` (B, T) and ``attention_mask`` (B, T) (1 = real token)."""
     width = max(len(row) for row in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
