@@ -72,6 +72,19 @@ def test_table_runs_cells_reports_failures_and_reuses_finished_cells(slice_confi
     assert config_hash(changed) != first["SASRec"]["config_hash"] == config_hash(moved)
 
 
+
+def test_cell_hash_follows_the_dataset_files_not_their_folder(scientific_dir, tmp_path):
+    original = scientific_slice_config(tmp_path / "a")
+    write_scientific_slice(scientific_dir, tmp_path / "a", n_users=30)
+    write_scientific_slice(scientific_dir, tmp_path / "b", n_users=30)  # same files, another folder
+    write_scientific_slice(scientific_dir, tmp_path / "c", n_users=31)  # same name, other interactions
+
+    def hash_for(root):
+        return config_hash(effective_config("SASRec", "SciSlice", None, {**original, "data_path": str(root)}))
+
+    assert hash_for(tmp_path / "a") == hash_for(tmp_path / "b")
+    assert hash_for(tmp_path / "c") != hash_for(tmp_path / "a")
+
 def record(model, seed, ndcg, seconds, status="ok"):
     if status != "ok":
         return {"model": model, "dataset": "D", "seed": seed, "status": status, "error": "boom"}
