@@ -92,7 +92,37 @@ class SSDParameters(nn.Module):
         return ssd(x, delta, -torch.exp(self.A_log.float()), B, C, self.D, chunk_size=chunk_size, impl=impl)
 
 
-class TiSSD(nn.Module):
+class _TimeAwareSSDBlock(nn.Module):
+    """What TiSSD and TiCoSSD share: head/group sizes, the SSD parameters and scan, the gated output
+    norm and projection, and the time-modulated step. Subclasses build their own input projections
+    before calling ``build_scan_head`` (that order keeps parameter initialisation reproducible)."""
+
+    def __init__(self, d_model, d_state, n_groups, expand, head_dim, chunk_size, is_time, ssd_impl):
+        super().__init__()
+        self.d_inner = expand * d_model
+        self.head_dim = head_dim
+        self.n_heads = self.d_inner // head_dim
+        self.n_groups, self.d_state = n_groups, d_state
+        self.chunk_size, self.ssd_impl, self.is_time = chunk_size, ssd_impl, is_time
+
+    def build_scan_head(self, d_model, max_len, d_conv, time_dropout_prob, norm_eps):
+        self.params = SSDParameters(self.n_heads)
+        self.norm = GatedRMSNorm(self.d_inner, eps=norm_eps)
+        self.out_proj = nn.Linear(self.d_inner, d_model)
+        if self.is_time:
+            self.time_step = TimeAwareStep(self.n_heads, max_len, d_conv, time_dropout_prob)
+
+    def scan_and_project(self, x, dt, B, C, z):
+        batch, length, _ = x.shape
+        y = self.params.scan(
+            x.reshape(batch, length, self.n_heads, self.head_dim), dt,
+            B.reshape(batch, length, self.n_groups, self.d_state),
+            C.reshape(batch, length, self.n_groups, self.d_state), self.chunk_size, self.ssd_impl,
+        )
+        return self.out_proj(self.norm(y.reshape(batch, length, self.d_inner), z))
+
+
+class TiSSD(_TimeAwareSSDBlock):
     """Time-aware SSD block (eqs. 3-9): Mamba-2 projections + causal conv, step modulated by time.
 
     forward(u (B, L, d), time (B, H, L) or None, mask (B, 1, L)) -> (out (B, L, d), time' or None),
@@ -101,25 +131,16 @@ class TiSSD(nn.Module):
 
     def __init__(self, d_model, max_len, d_state, n_groups, d_conv, expand, head_dim, chunk_size,
                  time_dropout_prob, norm_eps, is_time, ssd_impl):
-        super().__init__()
-        self.d_inner = expand * d_model
-        self.head_dim = head_dim
-        self.n_heads = self.d_inner // head_dim
-        self.n_groups, self.d_state = n_groups, d_state
-        self.chunk_size, self.ssd_impl, self.is_time = chunk_size, ssd_impl, is_time
+        super().__init__(d_model, d_state, n_groups, expand, head_dim, chunk_size, is_time, ssd_impl)
         bc_size = 2 * n_groups * d_state
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner + bc_size + self.n_heads)  # [z | x B C | dt]
         self.conv = CausalDepthwiseConv1d(self.d_inner + bc_size, d_conv, activation="silu")
-        self.params = SSDParameters(self.n_heads)
-        self.norm = GatedRMSNorm(self.d_inner, eps=norm_eps)
-        self.out_proj = nn.Linear(self.d_inner, d_model)
+        self.build_scan_head(d_model, max_len, d_conv, time_dropout_prob, norm_eps)
         if is_time:
-            self.time_step = TimeAwareStep(self.n_heads, max_len, d_conv, time_dropout_prob)
             self.time_gate = nn.Sequential(nn.Dropout(time_dropout_prob), nn.Linear(max_len, 1), nn.Sigmoid())
             self.time_norm = nn.LayerNorm(max_len, eps=norm_eps)
 
     def forward(self, u, time, mask):
-        batch, length, _ = u.shape
         z, xBC, dt = self.in_proj(u).split([self.d_inner, self.d_inner + 2 * self.n_groups * self.d_state,
                                             self.n_heads], dim=-1)
         xBC = self.conv(xBC.transpose(1, 2)).transpose(1, 2)
@@ -127,19 +148,14 @@ class TiSSD(nn.Module):
         if self.is_time:
             tau = self.time_step(time, mask)  # (B, H, L)
             dt = dt * tau.transpose(1, 2)
-        y = self.params.scan(
-            x.reshape(batch, length, self.n_heads, self.head_dim), dt,
-            B.reshape(batch, length, self.n_groups, self.d_state),
-            C.reshape(batch, length, self.n_groups, self.d_state), self.chunk_size, self.ssd_impl,
-        )
-        out = self.out_proj(self.norm(y.reshape(batch, length, self.d_inner), z))
+        out = self.scan_and_project(x, dt, B, C, z)
         if not self.is_time:
             return out, None
         gate = self.time_gate(time)  # (B, H, 1)
         return out, masked_sequence_layer_norm(gate * time + (1 - gate) * tau, mask, self.time_norm)
 
 
-class TiCoSSD(nn.Module):
+class TiCoSSD(_TimeAwareSSDBlock):
     """Time-aware cross SSD (eqs. 16-17): x, B, dt from the key stream; C from the query stream.
 
     z = W_z(query + key) gates the output; delta is modulated by the fused time signal T_co.
@@ -147,26 +163,16 @@ class TiCoSSD(nn.Module):
 
     def __init__(self, d_model, max_len, d_state, n_groups, d_conv, expand, head_dim, chunk_size,
                  time_dropout_prob, norm_eps, is_time, ssd_impl):
-        super().__init__()
-        self.d_inner = expand * d_model
-        self.head_dim = head_dim
-        self.n_heads = self.d_inner // head_dim
-        self.n_groups, self.d_state = n_groups, d_state
-        self.chunk_size, self.ssd_impl, self.is_time = chunk_size, ssd_impl, is_time
+        super().__init__(d_model, d_state, n_groups, expand, head_dim, chunk_size, is_time, ssd_impl)
         bc_size = n_groups * d_state
         self.key_proj = nn.Linear(d_model, self.d_inner + bc_size + self.n_heads)  # [x | B | dt]
         self.gate_proj = nn.Linear(d_model, self.d_inner)
         self.query_proj = nn.Linear(d_model, bc_size)  # C
         self.key_conv = CausalDepthwiseConv1d(self.d_inner + bc_size, d_conv, activation="silu")
         self.query_conv = CausalDepthwiseConv1d(bc_size, d_conv, activation="silu")
-        self.params = SSDParameters(self.n_heads)
-        self.norm = GatedRMSNorm(self.d_inner, eps=norm_eps)
-        self.out_proj = nn.Linear(self.d_inner, d_model)
-        if is_time:
-            self.time_step = TimeAwareStep(self.n_heads, max_len, d_conv, time_dropout_prob)
+        self.build_scan_head(d_model, max_len, d_conv, time_dropout_prob, norm_eps)
 
     def forward(self, key, query, time, mask):
-        batch, length, _ = key.shape
         xB, dt = self.key_proj(key).split([self.d_inner + self.n_groups * self.d_state, self.n_heads], dim=-1)
         x, B = self.key_conv(xB.transpose(1, 2)).transpose(1, 2).split(
             [self.d_inner, self.n_groups * self.d_state], dim=-1)
@@ -174,12 +180,7 @@ class TiCoSSD(nn.Module):
         z = self.gate_proj(query + key)
         if self.is_time:
             dt = dt * self.time_step(time, mask).transpose(1, 2)
-        y = self.params.scan(
-            x.reshape(batch, length, self.n_heads, self.head_dim), dt,
-            B.reshape(batch, length, self.n_groups, self.d_state),
-            C.reshape(batch, length, self.n_groups, self.d_state), self.chunk_size, self.ssd_impl,
-        )
-        return self.out_proj(self.norm(y.reshape(batch, length, self.d_inner), z))
+        return self.scan_and_project(x, dt, B, C, z)
 
 
 class ComplexLinear(nn.Module):
