@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from recbole_mm.compat import plain_config
+from recbole_mm.config import Config
 from recbole_mm.measure import (
     config_hash,
     effective_config,
@@ -39,6 +41,28 @@ RESOURCE_COLUMNS = (
     ("peak_rss_mib", "peak RSS MiB", True),
     ("peak_gpu_mib", "peak GPU MiB", True),
 )
+
+
+# What decides how a cell is evaluated. A table compares models only if every cell uses the same
+# values, so these come from the shared layers (RecBole's and recbole-mm's overall and dataset yaml,
+# --config_files, overrides) and replace what a model's own yaml or a per-model file sets
+# (MMESID.yaml's Hit@5/10/20, for instance).
+EVALUATION_KEYS = ("eval_args", "metrics", "topk", "valid_metric", "valid_metric_bigger", "metric_decimal_place",
+                   "candidate_protocol", "num_candidates", "candidate_seed")
+
+
+class _SharedLayersConfig(Config):
+    """A model's configuration without its own yaml files (RecBole's or recbole-mm's)."""
+
+    def _update_internal_config_dict(self, file):
+        if Path(file).parent.name == "model":
+            return {}
+        return super()._update_internal_config_dict(file)
+
+
+def shared_evaluation_settings(model, dataset, config_file_list, config_dict, cmd_args):
+    config = plain_config(_SharedLayersConfig(model, dataset, config_file_list, config_dict, cmd_args))
+    return {key: config[key] for key in EVALUATION_KEYS if key in config}
 
 
 class ResultsStore:
@@ -68,12 +92,22 @@ class ResultsStore:
 
 
 def run_cell(store, model, dataset, seed, config_file_list, config_dict, cmd_args, isolate=True, timeout=None,
-             log=print):
-    """Read the cell from the store when it finished before, else train it; return its record."""
-    cell_config = {**config_dict, "seed": seed}
+             log=print, model_config_files=()):
+    """Read the cell from the store when it finished before, else train it; return its record.
+
+    ``config_file_list`` is shared by every cell, ``model_config_files`` is this model's own: the
+    evaluation settings (``EVALUATION_KEYS``) always come from the shared layers."""
     record = {"model": model, "dataset": dataset, "seed": seed}
     try:
-        config = effective_config(model, dataset, config_file_list, cell_config, cmd_args)
+        evaluation = shared_evaluation_settings(model, dataset, config_file_list, config_dict, cmd_args)
+        cell_config = {**config_dict, **evaluation, "seed": seed}
+        cell_files = list(config_file_list) + list(model_config_files)
+        own = effective_config(model, dataset, cell_files, {**config_dict, "seed": seed}, cmd_args)
+        replaced = {key: own.get(key) for key, value in evaluation.items() if own.get(key) != value}
+        if replaced:
+            log(f"[{model} / {dataset} / seed {seed}] the table's evaluation settings replace the model's own: "
+                + "; ".join(f"{key} {replaced[key]} -> {evaluation[key]}" for key in replaced))
+        config = effective_config(model, dataset, cell_files, cell_config, cmd_args)
     except Exception as error:  # e.g. unknown model: reported in the table, the other cells go on
         log(f"[{model} / {dataset} / seed {seed}] configuration failed: {error}")
         return {**record, "status": "failed", "config_hash": None, "error": f"{type(error).__name__}: {error}"}
@@ -86,11 +120,10 @@ def run_cell(store, model, dataset, seed, config_file_list, config_dict, cmd_arg
     log(f"[{model} / {dataset} / seed {seed}] training (config {record['config_hash']})")
     start = time.perf_counter()
     if isolate:
-        result = measured_run_in_fresh_process(model, dataset, config_file_list, cell_config, cmd_args,
-                                               timeout=timeout)
+        result = measured_run_in_fresh_process(model, dataset, cell_files, cell_config, cmd_args, timeout=timeout)
     else:
         try:
-            result = {"status": "ok", **measured_run(model, dataset, config_file_list, cell_config, cmd_args)}
+            result = {"status": "ok", **measured_run(model, dataset, cell_files, cell_config, cmd_args)}
         except Exception as error:
             result = {"status": "failed", "error": f"{type(error).__name__}: {error}"}
     record.update(result, model=model, dataset=dataset, seed=seed, wall_seconds=time.perf_counter() - start,
@@ -296,8 +329,8 @@ def run_table(models, datasets, seeds=(2020,), config_file_list=None, config_dic
     output = Path(output)
     store = ResultsStore(output)
     config_dict = {"checkpoint_dir": str(output / "checkpoints"), "show_progress": False, **(config_dict or {})}
-    records = [run_cell(store, model, dataset, seed, (config_file_list or []) + model_config_files.get(model, []),
-                        config_dict, cmd_args, isolate, timeout, log)
+    records = [run_cell(store, model, dataset, seed, config_file_list or [], config_dict, cmd_args, isolate, timeout,
+                        log, model_config_files.get(model, []))
                for dataset in datasets for model in models for seed in seeds]
     groups = summarize(records)
     reused = sum(record.get("reused", False) for record in records)

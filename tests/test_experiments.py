@@ -21,11 +21,14 @@ def slice_config(scientific_dir, tmp_path):
 def test_table_runs_cells_reports_failures_and_reuses_finished_cells(slice_config, tmp_path, in_tmp_cwd):
     bad_gru = tmp_path / "bad_gru.yaml"
     bad_gru.write_text("loss_type: XYZ\n")  # GRU4Rec raises in its constructor, inside the cell's process
+    own_metrics = tmp_path / "own_metrics.yaml"  # a model's own evaluation settings: the table's win
+    own_metrics.write_text("metrics: [Hit]\ntopk: [5]\nvalid_metric: Hit@5\nhidden_dropout_prob: 0.3\n")
     output = tmp_path / "results"
     arguments = dict(models=["SASRec", "MMSASRec", "GRU4Rec", "NoSuchModel"], datasets=["SciSlice"],
                      config_dict=slice_config, output=output, latex=True,
-                     model_config_files={"GRU4Rec": [str(bad_gru)]})
-    first = {record["model"]: record for record in run_table(**arguments)}
+                     model_config_files={"GRU4Rec": [str(bad_gru)], "MMSASRec": [str(own_metrics)]})
+    log = []
+    first = {record["model"]: record for record in run_table(**arguments, log=log.append)}
 
     assert first["SASRec"]["status"] == first["MMSASRec"]["status"] == "ok"
     assert first["GRU4Rec"]["status"] == "failed" and "loss_type" in first["GRU4Rec"]["error"]
@@ -37,6 +40,9 @@ def test_table_runs_cells_reports_failures_and_reuses_finished_cells(slice_confi
         assert record["parameters"] > 0 and record["peak_rss_mib"] > 100
         assert record["config"]["hidden_size"] == 16 and record["config"]["seed"] == 2020
     assert first["SASRec"]["config_hash"] != first["MMSASRec"]["config_hash"]
+    assert first["MMSASRec"]["config"]["hidden_dropout_prob"] == 0.3  # the rest of a per-model file applies
+    assert first["MMSASRec"]["config"]["valid_metric"] == "NDCG@10"
+    assert any("MMSASRec" in line and "metrics ['Hit'] -> ['Recall', 'NDCG']" in line for line in log)
 
     table = (output / "table.md").read_text()
     rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| ")}

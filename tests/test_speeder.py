@@ -240,6 +240,15 @@ def test_stage_with_unavailable_modality_is_a_clear_error(workdir):
         build("Speeder", "SciSlice", config_dict=config)
 
 
+
+def test_full_ranking_metrics_are_refused(workdir):
+    from recbole_mm.utils import RecboleMMError
+
+    # scores are finite on 5 candidates only: Recall@10 would be 1 for every sample
+    config = speeder_config(workdir, id_features="none", metrics=["Recall", "NDCG"], topk=[10], valid_metric="NDCG@10")
+    with pytest.raises(RecboleMMError, match=r"metrics \['Recall', 'NDCG'\] would be meaningless"):
+        build("Speeder", "SciSlice", config_dict=config)
+
 def test_fits_a_fixed_batch(workdir):
     """The answer loss reaches the label logits through MoME, PPL, splicing and the LLM: a fixed
     batch with fixed candidates is learned (the untrained backbone cannot generalise from a slice,

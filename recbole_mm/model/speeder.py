@@ -36,6 +36,7 @@ from torch.nn import functional as F
 
 from recbole_mm.data.candidates import CandidateSampler, position_proxy_batch
 from recbole_mm.evaluator import register_candidate_metrics
+from recbole_mm.evaluator.candidate_metrics import CANDIDATE_METRICS
 from recbole_mm.model.abstract import MultimodalSequentialRecommender
 from recbole_mm.model.layers.llm import ITEM_PLACEHOLDER, backbone_from_config, pad_rows
 from recbole_mm.model.layers.mome import MultimodalItemCompressor
@@ -154,6 +155,15 @@ class Speeder(MultimodalSequentialRecommender):
         modes = config["eval_args"]["mode"]
         if any(mode != "full" for mode in (modes.values() if isinstance(modes, dict) else [modes])):
             raise RecboleMMError("Speeder ranks its candidate sets inside full-sort evaluation: set eval_args.mode: full.")
+        candidate_metric_names = {metric.__name__.lower() for metric in CANDIDATE_METRICS}
+        ranking_metrics = [m for m in config["metrics"] if m.lower() not in candidate_metric_names]
+        if ranking_metrics:
+            # its scores are finite on the m candidates only, so e.g. Recall@10 over 5 candidates is always 1
+            raise RecboleMMError(
+                f"Speeder answers on its candidate sets, so metrics {ranking_metrics} would be meaningless: use "
+                "metrics: [HR, ValidRatio, VHR] with topk: [1] (a table: --candidate_protocol=True "
+                "--metrics=[HR,ValidRatio,VHR] --topk=[1] --valid_metric=VHR@1 ranks every model on the same sets)."
+            )
         self.USER_ID = config["USER_ID_FIELD"]
         self.num_candidates = int(config["num_candidates"])
         self.ppt_rate = float(config["ppt_rate"])
