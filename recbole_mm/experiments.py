@@ -18,6 +18,7 @@ import argparse
 import csv
 import json
 import os
+import signal
 import statistics
 import sys
 import time
@@ -355,7 +356,13 @@ def run_table(models, datasets, seeds=(2020,), config_file_list=None, config_dic
     return records
 
 
+def _exit_on_sigterm(signum, frame):
+    # SystemExit unwinds through measured_run_in_fresh_process, which then kills the cell's process
+    raise SystemExit(128 + signum)
+
+
 def main(argv=None):
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     parser = argparse.ArgumentParser(prog="python -m recbole_mm.experiments", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", required=True)

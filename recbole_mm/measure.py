@@ -148,19 +148,23 @@ def measured_run_in_fresh_process(model, dataset, config_file_list=None, config_
     start = time.monotonic()
     process.start()
     result = None
-    while result is None:
-        try:
-            result = queue.get(timeout=1.0)
-        except queue_module.Empty:
-            if not process.is_alive():
-                # the result may have been put just before the process exited
-                try:
-                    result = queue.get(timeout=1.0)
-                except queue_module.Empty:
-                    result = {"status": "failed",
-                              "error": f"the run's process exited with code {process.exitcode} without a result"}
-            elif timeout is not None and time.monotonic() - start > timeout:
-                process.kill()
-                result = {"status": "failed", "error": f"timed out after {timeout:.0f} s"}
-    process.join()
+    try:
+        while result is None:
+            try:
+                result = queue.get(timeout=1.0)
+            except queue_module.Empty:
+                if not process.is_alive():
+                    # the result may have been put just before the process exited
+                    try:
+                        result = queue.get(timeout=1.0)
+                    except queue_module.Empty:
+                        result = {"status": "failed",
+                                  "error": f"the run's process exited with code {process.exitcode} without a result"}
+                elif timeout is not None and time.monotonic() - start > timeout:
+                    process.kill()
+                    result = {"status": "failed", "error": f"timed out after {timeout:.0f} s"}
+    finally:
+        if process.is_alive():  # the caller was interrupted: no orphan goes on training
+            process.kill()
+        process.join()
     return result

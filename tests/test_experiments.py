@@ -1,9 +1,16 @@
 """Side-by-side table runner and tuning, end to end on a tiny Scientific slice (1 epoch, hidden 16)."""
 import csv
 import json
+import os
+import signal
 import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
+import yaml
 
 from recbole_mm.experiments import main as experiments_main
 from recbole_mm.experiments import run_table, summarize, write_markdown
@@ -90,6 +97,38 @@ def test_cell_hash_follows_the_dataset_files_not_their_folder(scientific_dir, tm
 
     assert hash_for(tmp_path / "a") == hash_for(tmp_path / "b")
     assert hash_for(tmp_path / "c") != hash_for(tmp_path / "a")
+
+
+def _spawned_children(pid):
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [int(c) for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads the process tree from /proc")
+def test_stopping_the_runner_stops_the_cell_it_is_training(slice_config, tmp_path, in_tmp_cwd):
+    config_file = tmp_path / "endless.yaml"
+    config_file.write_text(yaml.safe_dump({**slice_config, "epochs": 100000, "stopping_step": 100000}))
+    runner = subprocess.Popen([sys.executable, "-m", "recbole_mm.experiments", "table", "--models", "SASRec",
+                               "--datasets", "SciSlice", "--config_files", str(config_file),
+                               "--output", str(tmp_path / "out")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cells = []
+    try:
+        deadline = time.monotonic() + 120
+        while not cells and time.monotonic() < deadline and runner.poll() is None:
+            time.sleep(0.5)
+            cells = _spawned_children(runner.pid)
+        assert cells, "the runner never started the cell's process"
+        runner.send_signal(signal.SIGTERM)
+        assert runner.wait(timeout=60) == 128 + signal.SIGTERM
+        time.sleep(1)
+        assert not Path(f"/proc/{cells[0]}").exists(), "the cell's process outlived the runner"
+    finally:
+        runner.kill()
+        for pid in cells:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 def record(model, seed, ndcg, seconds, status="ok"):
     if status != "ok":
