@@ -41,6 +41,7 @@ RESOURCE_COLUMNS = (
     ("epochs_to_best", "epochs to best", None),  # not a quality measure: never marked
     ("peak_rss_mib", "peak RSS MiB", True),
     ("peak_gpu_mib", "peak GPU MiB", True),
+    ("wall_seconds", "wall s", True),  # the whole cell: also a pipeline's stages outside its epochs (MMESID, Speeder)
 )
 
 
@@ -206,7 +207,7 @@ def best_models(groups, dataset, column):
     return {model for model, mean in means.items() if mean == best}
 
 
-DECIMALS = {"parameters": 0, "seconds_per_epoch": 2, "epochs_to_best": 1, "peak_rss_mib": 0, "peak_gpu_mib": 0}
+DECIMALS = {"parameters": 0, "seconds_per_epoch": 2, "epochs_to_best": 1, "peak_rss_mib": 0, "peak_gpu_mib": 0, "wall_seconds": 0}
 
 
 def format_value(column, mean, std):
