@@ -282,7 +282,7 @@ def write_cells_csv(path, records):
     for record in records:
         metric_keys += [k for k in record.get("test_result", {}) if k not in metric_keys]
     fields = ["dataset", "model", "seed", "status", "reused", "config_hash"] + [f"test {k}" for k in metric_keys] + \
-        [key for key, _, _ in RESOURCE_COLUMNS] + ["epochs", "wall_seconds", "error"]
+        [key for key, _, _ in RESOURCE_COLUMNS] + ["epochs", "error"]
     with open(path, "w", newline="", encoding="utf-8") as file:
         writer = csv.DictWriter(file, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()

@@ -66,6 +66,10 @@ def test_table_runs_cells_reports_failures_and_reuses_finished_cells(slice_confi
     assert float(csv_rows["MMSASRec"]["test recall@10 mean"]) == first["MMSASRec"]["test_result"]["recall@10"]
     assert csv_rows["GRU4Rec"]["failed"] and not csv_rows["SASRec"]["failed"]
     assert "\\textbf{" in (output / "table.tex").read_text()
+    with open(output / "cells.csv") as file:
+        cells_header = next(csv.reader(file))
+    assert len(cells_header) == len(set(cells_header)) and "wall_seconds" in cells_header
+    assert "| wall s |" in table
 
     stored = {path.name: path.stat().st_mtime_ns for path in (output / "cells").glob("*.json")}
     # in this process this time: the GRU4Rec retry fails fast and the in-process path is covered too
