@@ -104,12 +104,12 @@ def run_cell(store, model, dataset, seed, config_file_list, config_dict, cmd_arg
         evaluation = shared_evaluation_settings(model, dataset, config_file_list, config_dict, cmd_args)
         cell_config = {**config_dict, **evaluation, "seed": seed}
         cell_files = list(config_file_list) + list(model_config_files)
-        own = effective_config(model, dataset, cell_files, {**config_dict, "seed": seed}, cmd_args)
-        replaced = {key: own.get(key) for key, value in evaluation.items() if own.get(key) != value}
-        if replaced:
+        config = effective_config(model, dataset, cell_files, {**config_dict, "seed": seed}, cmd_args)
+        replaced = {key: config.get(key) for key, value in evaluation.items() if config.get(key) != value}
+        if replaced:  # only then does pinning change anything, and the pinned config must be rebuilt
             log(f"[{model} / {dataset} / seed {seed}] the table's evaluation settings replace the model's own: "
                 + "; ".join(f"{key} {replaced[key]} -> {evaluation[key]}" for key in replaced))
-        config = effective_config(model, dataset, cell_files, cell_config, cmd_args)
+            config = effective_config(model, dataset, cell_files, cell_config, cmd_args)
     except Exception as error:  # e.g. unknown model: reported in the table, the other cells go on
         log(f"[{model} / {dataset} / seed {seed}] configuration failed: {error}")
         return {**record, "status": "failed", "config_hash": None, "error": f"{type(error).__name__}: {error}"}
@@ -207,7 +207,8 @@ def best_models(groups, dataset, column):
     return {model for model, mean in means.items() if mean == best}
 
 
-DECIMALS = {"parameters": 0, "seconds_per_epoch": 2, "epochs_to_best": 1, "peak_rss_mib": 0, "peak_gpu_mib": 0, "wall_seconds": 0}
+DECIMALS = {"parameters": 0, "seconds_per_epoch": 2, "epochs_to_best": 1, "peak_rss_mib": 0, "peak_gpu_mib": 0,
+            "wall_seconds": 0}
 
 
 def format_value(column, mean, std):

@@ -89,7 +89,6 @@ def test_table_runs_cells_reports_failures_and_reuses_finished_cells(slice_confi
     assert config_hash(changed) != first["SASRec"]["config_hash"] == config_hash(moved)
 
 
-
 def test_cell_hash_follows_the_dataset_files_not_their_folder(scientific_dir, tmp_path):
     original = scientific_slice_config(tmp_path / "a")
     write_scientific_slice(scientific_dir, tmp_path / "a", n_users=30)
@@ -133,6 +132,7 @@ def test_stopping_the_runner_stops_the_cell_it_is_training(slice_config, tmp_pat
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
 
 def record(model, seed, ndcg, seconds, status="ok"):
     if status != "ok":

@@ -240,7 +240,6 @@ def test_stage_with_unavailable_modality_is_a_clear_error(workdir):
         build("Speeder", "SciSlice", config_dict=config)
 
 
-
 def test_full_ranking_metrics_are_refused(workdir):
     from recbole_mm.utils import RecboleMMError
 
@@ -248,6 +247,7 @@ def test_full_ranking_metrics_are_refused(workdir):
     config = speeder_config(workdir, id_features="none", metrics=["Recall", "NDCG"], topk=[10], valid_metric="NDCG@10")
     with pytest.raises(RecboleMMError, match=r"metrics \['Recall', 'NDCG'\] would be meaningless"):
         build("Speeder", "SciSlice", config_dict=config)
+
 
 def test_fits_a_fixed_batch(workdir):
     """The answer loss reaches the label logits through MoME, PPL, splicing and the LLM: a fixed

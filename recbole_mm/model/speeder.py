@@ -35,8 +35,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from recbole_mm.data.candidates import CandidateSampler, position_proxy_batch
-from recbole_mm.evaluator import register_candidate_metrics
-from recbole_mm.evaluator.candidate_metrics import CANDIDATE_METRICS
+from recbole_mm.evaluator.candidate_metrics import CANDIDATE_METRICS, register_candidate_metrics
 from recbole_mm.model.abstract import MultimodalSequentialRecommender
 from recbole_mm.model.layers.llm import ITEM_PLACEHOLDER, backbone_from_config, pad_rows
 from recbole_mm.model.layers.mome import MultimodalItemCompressor
