@@ -17,7 +17,7 @@ Every line is parsed as JSON first and as a Python literal second, so either yea
 Pipeline: parse -> drop interactions of items without metadata (default) -> chronological order ->
 optional dedup of repeated (user, item) -> k-core (default 5/5) -> items sorted by ASIN = item2index rows.
 Bad input never stops the run (except when nothing is left): it is counted, the first few line numbers are
-kept, and a summary is printed and stored in the manifest. See /work/notes/readme_conversion.md.
+kept, and a summary is printed and stored in the manifest. Reference: docs/datasets.md in the repository.
 """
 import argparse
 import ast
