@@ -11,7 +11,7 @@ from torch.nn.utils.clip_grad import clip_grad_norm_
 from tqdm import tqdm
 
 from recbole_mm.compat import load_checkpoint, plain_config
-from recbole_mm.distributed import DistributedTrainingMixin
+from recbole_mm.trainer.distributed import DistributedTrainingMixin
 from recbole_mm.utils import RecboleMMError
 
 
@@ -68,7 +68,7 @@ class SafeCheckpointMixin:
 @lru_cache(maxsize=None)
 def with_safe_checkpoints(trainer_class):
     """RecBole's trainer for a built-in model, with checkpoints torch >= 2.6 loads safely (and DDP
-    that also works on CPU, see recbole_mm.distributed)."""
+    that also works on CPU, see recbole_mm.trainer.distributed)."""
     return type(trainer_class.__name__, (DistributedTrainingMixin, SafeCheckpointMixin, trainer_class), {})
 
 

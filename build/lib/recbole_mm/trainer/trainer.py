@@ -1,0 +1,224 @@
+"""RecBole's Trainer with safe checkpoints, more learners, schedules, accumulation and stages."""
+import math
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import torch
+from recbole.trainer import Trainer
+from recbole.utils import set_color
+from torch import optim
+from torch.nn.utils.clip_grad import clip_grad_norm_
+from tqdm import tqdm
+
+from recbole_mm.compat import load_checkpoint, plain_config
+from recbole_mm.trainer.distributed import DistributedTrainingMixin
+from recbole_mm.utils import RecboleMMError
+
+
+class SafeCheckpointMixin:
+    """Checkpoints hold tensors and plain data only, so they load with ``weights_only=True``."""
+
+    def _save_checkpoint(self, epoch, verbose=True, **kwargs):
+        if not self.config["single_spec"] and self.config["local_rank"] != 0:
+            return
+        saved_model_file = kwargs.pop("saved_model_file", self.saved_model_file)
+        state = {
+            "config": plain_config(self.config),
+            "epoch": epoch,
+            "cur_step": self.cur_step,
+            "best_valid_score": float(self.best_valid_score),
+            "state_dict": self.model.state_dict(),
+            "other_parameter": self.model.other_parameter(),
+            "optimizer": self.optimizer.state_dict(),
+        }
+        torch.save(state, saved_model_file)
+        if verbose:
+            self.logger.info(set_color("Saving current", "blue") + f": {saved_model_file}")
+
+    def load_model_checkpoint(self, checkpoint_file):
+        """Load weights from a checkpoint of the same model; return the checkpoint dict."""
+        checkpoint = load_checkpoint(checkpoint_file, map_location=self.device)
+        saved_model = checkpoint.get("config", {}).get("model")
+        if saved_model != self.config["model"]:
+            raise RecboleMMError(
+                f"Checkpoint {checkpoint_file} was written by model '{saved_model}', not "
+                f"'{self.config['model']}'. Pass --model={saved_model} or choose another checkpoint."
+            )
+        self.model.load_state_dict(checkpoint["state_dict"])
+        self.model.load_other_parameter(checkpoint.get("other_parameter"))
+        return checkpoint
+
+    def resume_checkpoint(self, resume_file):
+        checkpoint = self.load_model_checkpoint(resume_file)
+        self.saved_model_file = str(resume_file)
+        self.start_epoch = checkpoint["epoch"] + 1
+        self.cur_step = checkpoint["cur_step"]
+        self.best_valid_score = checkpoint["best_valid_score"]
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.logger.info(f"Checkpoint loaded. Resume training from epoch {self.start_epoch}")
+
+    def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
+        if eval_data and load_best_model:
+            checkpoint_file = model_file or self.saved_model_file
+            self.load_model_checkpoint(checkpoint_file)
+            self.logger.info(f"Loading model structure and parameters from {checkpoint_file}")
+        return super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
+
+
+@lru_cache(maxsize=None)
+def with_safe_checkpoints(trainer_class):
+    """RecBole's trainer for a built-in model, with checkpoints torch >= 2.6 loads safely (and DDP
+    that also works on CPU, see recbole_mm.trainer.distributed)."""
+    return type(trainer_class.__name__, (DistributedTrainingMixin, SafeCheckpointMixin, trainer_class), {})
+
+
+@dataclass
+class TrainingStage:
+    """One stage of a multi-stage schedule (pre-train -> fine-tune, curriculum stages, ...).
+
+    ``options`` is free-form data the model's ``enter_stage`` interprets.
+    """
+
+    name: str
+    epochs: int
+    learning_rate: float = None
+    options: dict = field(default_factory=dict)
+
+
+class MMTrainer(DistributedTrainingMixin, SafeCheckpointMixin, Trainer):
+    """Trainer for recbole-mm models. Adds, from config:
+
+    - ``learner``: RecBole's (adam, adamw, sgd, adagrad, rmsprop, sparse_adam) plus ``nadam``;
+      an unknown name is an error instead of RecBole's silent fallback to Adam;
+    - ``gradient_accumulation_steps``; ``clip_grad_norm`` (RecBole's key);
+    - ``lr_scheduler``: ``warmup_cosine`` | ``warmup_linear`` with ``warmup_steps`` (optimizer steps);
+    - stages: a model with ``training_stages()`` and ``enter_stage(stage)`` is trained stage after
+      stage, each with a fresh optimizer over the parameters that stage leaves trainable.
+    """
+
+    LEARNERS = {
+        "adam": optim.Adam,
+        "adamw": optim.AdamW,
+        "nadam": optim.NAdam,
+        "sgd": optim.SGD,
+        "adagrad": optim.Adagrad,
+        "rmsprop": optim.RMSprop,
+    }
+
+    def __init__(self, config, model):
+        super().__init__(config, model)
+        self.accumulation_steps = max(1, int(config["gradient_accumulation_steps"] or 1))
+        self.scheduler_name = config["lr_scheduler"]
+        self.warmup_steps = int(config["warmup_steps"] or 0)
+        if self.scheduler_name not in (None, "warmup_cosine", "warmup_linear"):
+            raise RecboleMMError(
+                f"lr_scheduler: {self.scheduler_name!r} is not known; use warmup_cosine, warmup_linear or ~."
+            )
+        self.scheduler = None
+
+    def _build_optimizer(self, **kwargs):
+        params = kwargs.pop("params", [p for p in self.model.parameters() if p.requires_grad])
+        learner = kwargs.pop("learner", self.learner).lower()
+        learning_rate = kwargs.pop("learning_rate", self.learning_rate)
+        weight_decay = kwargs.pop("weight_decay", self.weight_decay) or 0.0
+        if learner == "sparse_adam":
+            return super()._build_optimizer(params=params, learner=learner, learning_rate=learning_rate,
+                                            weight_decay=weight_decay)
+        if learner not in self.LEARNERS:
+            raise RecboleMMError(
+                f"learner: {learner!r} is not supported; choose one of {sorted(self.LEARNERS) + ['sparse_adam']}."
+            )
+        return self.LEARNERS[learner](params, lr=learning_rate, weight_decay=weight_decay)
+
+    def _build_scheduler(self, steps_per_epoch):
+        if self.scheduler_name is None:
+            return None
+        total_steps = max(1, steps_per_epoch * (self.epochs - self.start_epoch))
+        warmup = min(self.warmup_steps, total_steps - 1)
+
+        def factor(step):
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            progress = (step - warmup) / max(1, total_steps - warmup)
+            if self.scheduler_name == "warmup_cosine":
+                return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+            return max(0.0, 1.0 - progress)
+
+        return optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+
+    def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
+        self.model.train()
+        loss_func = loss_func or self.model.calculate_loss
+        steps_per_epoch = math.ceil(len(train_data) / self.accumulation_steps)
+        if self.scheduler is None:
+            self.scheduler = self._build_scheduler(steps_per_epoch)
+        iter_data = (
+            tqdm(train_data, total=len(train_data), ncols=100, desc=set_color(f"Train {epoch_idx:>5}", "pink"))
+            if show_progress else train_data
+        )
+        if not self.config["single_spec"] and train_data.shuffle:
+            train_data.sampler.set_epoch(epoch_idx)
+        total_loss = None
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer.zero_grad()
+        for batch_idx, interaction in enumerate(iter_data):
+            interaction = interaction.to(self.device)
+            sync_loss = 0
+            if not self.config["single_spec"]:
+                self.set_reduce_hook()
+                sync_loss = self.sync_grad_loss()
+            with torch.autocast(device_type=self.device.type, enabled=self.enable_amp):
+                losses = loss_func(interaction)
+            if isinstance(losses, tuple):
+                loss = sum(losses)
+                loss_tuple = tuple(part.item() for part in losses)
+                total_loss = loss_tuple if total_loss is None else tuple(map(sum, zip(total_loss, loss_tuple)))
+            else:
+                loss = losses
+                total_loss = loss.item() if total_loss is None else total_loss + loss.item()
+            self._check_nan(loss)
+            ((loss + sync_loss) / self.accumulation_steps).backward()
+            last_batch = batch_idx + 1 == len(train_data)
+            if (batch_idx + 1) % self.accumulation_steps == 0 or last_batch:
+                if self.clip_grad_norm:
+                    clip_grad_norm_(trainable, **self.clip_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad()
+                if self.scheduler is not None:
+                    self.scheduler.step()
+        return total_loss
+
+    def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
+        stages = self.model.training_stages() if hasattr(self.model, "training_stages") else None
+        if not stages:
+            return super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
+        resumed_epoch, stage_start = self.start_epoch, 0
+        result = (self.best_valid_score, self.best_valid_result)
+        for stage in stages:
+            stage_end = stage_start + stage.epochs
+            self.model.enter_stage(stage)
+            if stage_end > resumed_epoch:
+                self._begin_stage(stage, max(stage_start, resumed_epoch), stage_end, verbose)
+                result = super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
+                if saved and valid_data and stage is not stages[-1]:
+                    # the next stage starts from this stage's best weights, not its last epoch
+                    self.load_model_checkpoint(self.saved_model_file)
+            stage_start = stage_end
+        return result
+
+    def _begin_stage(self, stage, start_epoch, end_epoch, verbose):
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        if not trainable:
+            raise RecboleMMError(f"Training stage '{stage.name}' leaves no trainable parameter.")
+        self.optimizer = self._build_optimizer(params=trainable, learning_rate=stage.learning_rate or self.learning_rate)
+        self.scheduler = None
+        self.start_epoch, self.epochs = start_epoch, end_epoch
+        self.cur_step = 0
+        self.best_valid_score = -math.inf if self.valid_metric_bigger else math.inf
+        self.best_valid_result = None
+        if verbose:
+            n_trainable = sum(p.numel() for p in trainable)
+            self.logger.info(
+                set_color(f"stage '{stage.name}'", "yellow")
+                + f": epochs {start_epoch}..{end_epoch - 1}, {n_trainable} trainable parameters"
+            )
