@@ -32,11 +32,12 @@ def shared_evaluation_settings(model, dataset, config_file_list, config_dict, cm
 
 
 def run_cell(store, model, dataset, seed, config_file_list, config_dict, cmd_args, isolate=True, timeout=None,
-             log=print, model_config_files=()):
+             log=print, model_config_files=(), per_user=False):
     """Read the cell from the store when it finished before, else train it; return its record.
 
     ``config_file_list`` is shared by every cell, ``model_config_files`` is this model's own: the
-    evaluation settings (``EVALUATION_KEYS``) always come from the shared layers."""
+    evaluation settings (``EVALUATION_KEYS``) always come from the shared layers. ``per_user``: the
+    record must also hold the per-user test metrics (a stored cell without them is trained again)."""
     record = {"model": model, "dataset": dataset, "seed": seed}
     try:
         evaluation = shared_evaluation_settings(model, dataset, config_file_list, config_dict, cmd_args)
@@ -53,17 +54,19 @@ def run_cell(store, model, dataset, seed, config_file_list, config_dict, cmd_arg
         return {**record, "status": "failed", "config_hash": None, "error": f"{type(error).__name__}: {error}"}
     record["config_hash"] = config_hash(config)
     stored = store.load(model, dataset, seed, record["config_hash"])
-    if stored and stored.get("status") == "ok":
+    if stored and stored.get("status") == "ok" and (not per_user or stored.get("per_user")):
         log(f"[{model} / {dataset} / seed {seed}] finished before: read "
             f"{store.path(model, dataset, seed, record['config_hash'])}")
         return {**stored, "reused": True}
     log(f"[{model} / {dataset} / seed {seed}] training (config {record['config_hash']})")
     start = time.perf_counter()
     if isolate:
-        result = measured_run_in_fresh_process(model, dataset, cell_files, cell_config, cmd_args, timeout=timeout)
+        result = measured_run_in_fresh_process(model, dataset, cell_files, cell_config, cmd_args, timeout=timeout,
+                                               per_user=per_user)
     else:
         try:
-            result = {"status": "ok", **measured_run(model, dataset, cell_files, cell_config, cmd_args)}
+            result = {"status": "ok", **measured_run(model, dataset, cell_files, cell_config, cmd_args,
+                                                     per_user=per_user)}
         except Exception as error:
             result = {"status": "failed", "error": f"{type(error).__name__}: {error}"}
     record.update(result, model=model, dataset=dataset, seed=seed, wall_seconds=time.perf_counter() - start,

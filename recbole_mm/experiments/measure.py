@@ -14,6 +14,7 @@ import traceback
 
 import torch
 
+from recbole_mm.experiments.per_user import PerUserRecorder
 from recbole_mm.quick_start import run
 
 
@@ -32,13 +33,18 @@ def machine_description():
             f"torch {torch.__version__}{load}")
 
 
-def measured_run(model, dataset, config_file_list=None, config_dict=None, cmd_args=(), saved=True):
-    """``quick_start.run`` plus measurements: seconds per training epoch, epochs run, epochs to the
-    best validation score, peak memory. Peak RSS is this process's maximum so far."""
-    epoch_seconds, best_epoch, trainer_of_run = [], [None], []
+def measured_run(model, dataset, config_file_list=None, config_dict=None, cmd_args=(), saved=True,
+                 per_user=False):
+    """``quick_start.run`` plus measurements: seconds per training epoch, epochs run, the epoch cap,
+    epochs to the best validation score, peak memory. Peak RSS is this process's maximum so far.
+    ``per_user``: also the test users and their per-user metrics (``per_user.PerUserRecorder``)."""
+    epoch_seconds, best_epoch, trainer_of_run, recorders, epoch_cap = [], [None], [], [], [None]
 
-    def instrument(config, model_obj, trainer):
+    def instrument(config, model_obj, trainer, train_dataset):
         trainer_of_run.append(trainer)
+        epoch_cap[0] = config["epochs"]
+        if per_user:
+            recorders.append(PerUserRecorder(config, trainer, train_dataset))
         train_epoch = trainer._train_epoch
 
         def timed_train_epoch(*args, **kwargs):
@@ -60,11 +66,16 @@ def measured_run(model, dataset, config_file_list=None, config_dict=None, cmd_ar
                  on_built=instrument, callback_fn=note_best)
     result.update({
         "epochs": len(epoch_seconds),
+        "epoch_cap": epoch_cap[0],
         "seconds_per_epoch": sum(epoch_seconds) / len(epoch_seconds) if epoch_seconds else None,
         "epochs_to_best": best_epoch[0],
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
     })
+    if recorders:
+        result["per_user"] = {"users": recorders[0].users,
+                              "metrics": {key: [round(v, 6) for v in value.tolist()]
+                                          for key, value in recorders[0].values.items()}}
     return result
 
 
@@ -77,7 +88,7 @@ def _measured_run_worker(kwargs, queue):
 
 
 def measured_run_in_fresh_process(model, dataset, config_file_list=None, config_dict=None, cmd_args=(),
-                                  saved=True, timeout=None):
+                                  saved=True, timeout=None, per_user=False):
     """``measured_run`` in a spawned process (its own peak RSS; a crash cannot take the caller down).
 
     Never raises for a failed run: returns ``{"status": "failed", "error": ...}`` instead, also when
@@ -86,7 +97,7 @@ def measured_run_in_fresh_process(model, dataset, config_file_list=None, config_
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     kwargs = dict(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict,
-                  cmd_args=list(cmd_args), saved=saved)
+                  cmd_args=list(cmd_args), saved=saved, per_user=per_user)
     process = context.Process(target=_measured_run_worker, args=(kwargs, queue))
     start = time.monotonic()
     process.start()

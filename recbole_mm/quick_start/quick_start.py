@@ -91,7 +91,7 @@ def run(model, dataset, config_file_list=None, config_dict=None, saved=True, cmd
     """Train with early stopping on validation, test the best checkpoint; return the results.
 
     ``cmd_args``: ``--key=value`` strings that override everything else (the CLI passes its own).
-    Models fed by earlier stages get those first (``prepare_inputs``). ``on_built(config, model, trainer)`` runs before training (e.g. to
+    Models fed by earlier stages get those first (``prepare_inputs``). ``on_built(config, model, trainer, dataset)`` runs before training (e.g. to
     instrument the trainer); ``callback_fn(epoch_idx, valid_score)`` is RecBole's per-validation hook.
     """
     model_class = get_model(model) if isinstance(model, str) else model
@@ -100,7 +100,7 @@ def run(model, dataset, config_file_list=None, config_dict=None, saved=True, cmd
         model, dataset, config_file_list, config_dict, cmd_args
     )
     if on_built is not None:
-        on_built(config, model, trainer)
+        on_built(config, model, trainer, train_data.dataset)
     logger = getLogger()
     if config["resume"]:
         trainer.resume_checkpoint(config["resume"])

@@ -1,1 +1,0 @@
-"""recbole-mm models; each lives in ``recbole_mm/model/<name lower>.py`` (see recbole_mm.utils.get_model)."""

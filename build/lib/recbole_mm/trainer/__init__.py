@@ -1,3 +1,0 @@
-from recbole_mm.trainer.trainer import MMTrainer, SafeCheckpointMixin, TrainingStage, with_safe_checkpoints
-
-__all__ = ["MMTrainer", "SafeCheckpointMixin", "TrainingStage", "with_safe_checkpoints"]
