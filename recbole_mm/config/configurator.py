@@ -1,7 +1,8 @@
 """RecBole Config that also reads recbole-mm's ``properties/`` and finds recbole-mm models.
 
 Precedence, lowest first: RecBole's defaults < ``properties/overall.yaml`` <
-``properties/dataset/<Dataset>.yaml`` < ``properties/model/<Model>.yaml`` < ``--config_files`` <
+``properties/dataset/<Dataset>.yaml`` < ``properties/model/<Model>.yaml`` <
+``properties/recipes/<Model>-<recipe>.yaml`` (with ``recipe: <name>``) < ``--config_files`` <
 ``config_dict`` < ``--key=value`` on the command line.
 
 Where datasets are read (and converters write), highest first: ``data_path`` given by the user
@@ -28,6 +29,16 @@ def default_data_path():
     """Where datasets live when the user's config gives no ``data_path``: ``$RECBOLE_MM_DATA``,
     else ``dataset/`` in the working directory (RecBole's own default)."""
     return Path(os.environ.get(DATA_ENV_VAR) or "dataset")
+
+
+def recipe_file(model, recipe):
+    """``properties/recipes/<model>-<recipe>.yaml``; an error listing the model's recipes when absent."""
+    path = PROPERTIES_DIR / "recipes" / f"{model}-{recipe}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem.split("-", 1)[1] for p in (PROPERTIES_DIR / "recipes").glob(f"{model}-*.yaml"))
+        raise RecboleMMError(f"recipe: no recipe {recipe!r} for {model} ({path} does not exist); "
+                             f"{model}'s recipes: {', '.join(known) or 'none'}.")
+    return path
 
 
 class Config(RecBoleConfig):
@@ -76,6 +87,9 @@ class Config(RecBoleConfig):
                     self.parameters["Dataset"] += [
                         key for key in config_dict if key not in self.parameters["Dataset"]
                     ]
+        recipe = self.external_config_dict.get("recipe")
+        if recipe:
+            self._update_internal_config_dict(str(recipe_file(model, recipe)))
 
     def _init_device(self):
         if "local_rank" in self.final_config_dict:  # a DDP worker: RecBole's own set-up is NCCL/CUDA only
