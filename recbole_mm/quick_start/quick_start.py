@@ -112,7 +112,7 @@ def run(model, dataset, config_file_list=None, config_dict=None, saved=True, cmd
     logger.info("The running environment of this training is as follows:\n" + environment.draw())
     logger.info(set_color("best valid ", "yellow") + f": {dict(best_valid_result or {})}")
     logger.info(set_color("test result", "yellow") + f": {dict(test_result)}")
-    return {
+    result = {
         "model": config["model"],
         "dataset": config["dataset"],
         "seed": config["seed"],
@@ -124,3 +124,11 @@ def run(model, dataset, config_file_list=None, config_dict=None, saved=True, cmd
         "parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "parameters_total": sum(p.numel() for p in model.parameters()),
     }
+    if getattr(trainer, "results_per_size", None):  # a nested-size model (FMRLRec): every size's metrics
+        plain = lambda per_size: {int(size): {k: float(v) for k, v in dict(metrics).items()}  # noqa: E731
+                                  for size, metrics in (per_size or {}).items()}
+        result["test_result_per_size"] = plain(trainer.results_per_size)
+        result["best_valid_result_per_size"] = plain(trainer.best_valid_results_per_size)
+        logger.info(set_color("test result per size", "yellow") + ": " + "; ".join(
+            f"d={size} {metrics}" for size, metrics in result["test_result_per_size"].items()))
+    return result

@@ -21,7 +21,6 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import yaml
 from recbole.data import data_preparation
-from recbole.evaluator import Collector, Evaluator
 from recbole.utils import init_logger, init_seed
 
 from recbole_mm.compat import load_checkpoint, plain_config
@@ -29,6 +28,7 @@ from recbole_mm.config import PROPERTIES_DIR, Config
 from recbole_mm.model.fmrlrec import FMRLRec, extract_submodel, resolve_mrl_sizes, submodel_config
 from recbole_mm.model.layers.matryoshka import MatryoshkaLinear
 from recbole_mm.data.utils import create_dataset
+from recbole_mm.trainer.fmrlrec_trainer import evaluate_sizes
 from recbole_mm.utils import RecboleMMError, get_trainer
 
 # Keys RecBole derives from others while building a Config; passing them back in would fight it.
@@ -36,25 +36,6 @@ DERIVED_CONFIG_KEYS = {
     "device", "MODEL_TYPE", "MODEL_INPUT_TYPE", "eval_type", "single_spec", "local_rank",
     "train_neg_sample_args", "valid_neg_sample_args", "test_neg_sample_args",
 }
-
-
-# ----- evaluation of every size ---------------------------------------------------------------
-@torch.no_grad()
-def evaluate_sizes(model: FMRLRec, eval_data, config) -> List[Dict[str, float]]:
-    """RecBole full-sort metrics of every nested size, from one encoding pass over ``eval_data``.
-    Same masking as RecBole's trainer (padding item and the user's history excluded)."""
-    model.eval()
-    collectors = [Collector(config) for _ in model.mrl_sizes]
-    for interaction, history_index, positive_u, positive_i in eval_data:
-        interaction = interaction.to(model.device)
-        scores = model.full_sort_predict_per_size(interaction)  # (n_sizes, B, n_items)
-        scores[:, :, 0] = -torch.inf
-        if history_index is not None:
-            scores[:, history_index[0], history_index[1]] = -torch.inf
-        for collector, size_scores in zip(collectors, scores):
-            collector.eval_batch_collect(size_scores, interaction, positive_u, positive_i)
-    evaluator = Evaluator(config)
-    return [dict(evaluator.evaluate(collector.get_data_struct())) for collector in collectors]
 
 
 def count_parameters(model: torch.nn.Module) -> int:
