@@ -1,0 +1,123 @@
+"""RecBole's missing-value steps under pandas copy-on-write (the only mode from pandas 3).
+
+RecBole 1.2.1 fills missing values with chained ``feat[field].fillna(..., inplace=True)``, which under
+copy-on-write fills a temporary copy; recbole_mm.compat replaces those steps. The expectations below
+are RecBole's documented imputation written out by hand: token -> 0 ([PAD]), float -> the mean of
+the present values, empty sequence -> an all-padding row.
+"""
+import contextlib
+import importlib.util
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import recbole_mm  # noqa: F401  (applies recbole_mm.compat)
+from recbole.config import Config
+from recbole.data.dataset import Dataset
+
+PANDAS_3 = int(pd.__version__.split(".")[0]) >= 3
+
+
+@contextlib.contextmanager
+def pandas_mode(mode):
+    """pandas 2.x switched to pandas 3's behaviour: copy-on-write, optionally the pyarrow-less str dtype."""
+    if mode == "default":
+        yield
+        return
+    options = ["mode.copy_on_write", True]
+    if mode == "pandas3":
+        options += ["future.infer_string", True]
+    with pd.option_context(*options):
+        yield
+
+
+MODES = ["default"] if PANDAS_3 else ["default", "copy_on_write"]
+if not PANDAS_3 and importlib.util.find_spec("pyarrow"):  # pandas 2's str dtype preview needs pyarrow
+    MODES.append("pandas3")
+
+
+def write_dataset(root, name="NanToy"):
+    folder = root / name
+    folder.mkdir(parents=True)
+    (folder / f"{name}.inter").write_text(
+        "user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
+        "u1\ti1\t4.0\t1\n"
+        "u1\ti2\t\t2\n"
+        "u2\ti3\t2.0\t3\n"
+        "u2\ti1\t3.0\t4\n"
+    )
+    (folder / f"{name}.item").write_text(
+        "item_id:token\tprice:float\tbrand:token\tcategories:token_seq\tscores:float_seq\n"
+        "i1\t10.0\tacme\tc1 c2\t0.5 1.5\n"
+        "i2\t\t\t\t\n"
+        "i3\t30.0\tzeta\tc2\t2.5\n"
+    )
+    return name
+
+
+def build_dataset(root):
+    name = write_dataset(root)
+    config = Config(
+        model="Pop",
+        dataset=name,
+        config_dict={
+            "data_path": str(root),
+            "load_col": {
+                "inter": ["user_id", "item_id", "rating", "timestamp"],
+                "item": ["item_id", "price", "brand", "categories", "scores"],
+            },
+            "normalize_all": False,
+            "normalize_field": None,
+            "show_progress": False,
+        },
+    )
+    return Dataset(config)
+
+
+@pytest.mark.stack
+@pytest.mark.parametrize("mode", MODES)
+def test_missing_values_filled_as_recbole_documents(tmp_path, mode):
+    with pandas_mode(mode):
+        dataset = build_dataset(tmp_path)
+    item = {token: dataset.token2id("item_id", token) for token in ("i1", "i2", "i3")}
+    pad = 0
+    items = dataset.item_feat.set_index("item_id")  # rows: [PAD] (added by RecBole's merge), i1, i2, i3
+    assert sorted(items.index) == [pad, *sorted(item.values())]
+
+    # float: the mean of the present prices, (10 + 30) / 2, also for the [PAD] row
+    assert items["price"].to_dict() == {pad: 20.0, item["i1"]: 10.0, item["i2"]: 20.0, item["i3"]: 30.0}
+
+    # token: 0 ([PAD]) for the empty cell and the [PAD] row, the real ids elsewhere
+    brand = items["brand"].to_dict()
+    assert brand[pad] == 0 and brand[item["i2"]] == 0
+    assert dataset.id2token("brand", int(brand[item["i1"]])) == "acme"
+    assert dataset.id2token("brand", int(brand[item["i3"]])) == "zeta"
+
+    # token_seq / float_seq: an empty cell (and the [PAD] row) is an empty sequence
+    categories = {row: list(dataset.id2token("categories", list(ids))) for row, ids in items["categories"].items()}
+    assert categories == {pad: [], item["i1"]: ["c1", "c2"], item["i2"]: [], item["i3"]: ["c2"]}
+    scores = {row: list(values) for row, values in items["scores"].items()}
+    assert scores == {pad: [], item["i1"]: [0.5, 1.5], item["i2"]: [], item["i3"]: [2.5]}
+
+    # float field of the interactions: the missing rating is the mean of 4, 2, 3
+    inter = dataset.inter_feat
+    assert dict(zip(inter["timestamp"], inter["rating"])) == {1.0: 4.0, 2.0: 3.0, 3.0: 2.0, 4.0: 3.0}
+
+    # and the tensors the models get hold no NaN and no garbage ids
+    dataset._change_feat_format()
+    assert dataset.item_feat["brand"].dtype == torch.int64
+    assert set(dataset.item_feat["brand"].tolist()) == {0, int(brand[item["i1"]]), int(brand[item["i3"]])}
+    assert not torch.isnan(dataset.item_feat["price"]).any()
+
+
+@pytest.mark.stack
+def test_chained_fillna_is_a_no_op_under_copy_on_write():
+    """Why compat replaces RecBole's fillna steps: the chained call leaves the frame unfilled."""
+    with pandas_mode("default" if PANDAS_3 else "copy_on_write"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pandas warns about the chained call (ChainedAssignmentError)
+        frame = pd.DataFrame({"price": [1.0, np.nan]})
+        frame["price"].fillna(value=0.0, inplace=True)
+    assert np.isnan(frame["price"].iloc[1])
