@@ -77,7 +77,6 @@ def build_dataset(root):
     return Dataset(config)
 
 
-@pytest.mark.stack
 @pytest.mark.parametrize("mode", MODES)
 def test_missing_values_filled_as_recbole_documents(tmp_path, mode):
     with pandas_mode(mode):
@@ -113,7 +112,6 @@ def test_missing_values_filled_as_recbole_documents(tmp_path, mode):
     assert not torch.isnan(dataset.item_feat["price"]).any()
 
 
-@pytest.mark.stack
 def test_chained_fillna_is_a_no_op_under_copy_on_write():
     """Why compat replaces RecBole's fillna steps: the chained call leaves the frame unfilled."""
     with pandas_mode("default" if PANDAS_3 else "copy_on_write"), warnings.catch_warnings():
