@@ -16,7 +16,7 @@ import torch
 
 import recbole_mm  # noqa: F401  (applies recbole_mm.compat)
 from recbole.config import Config
-from recbole.data.dataset import Dataset
+from recbole.data.dataset import Dataset, SequentialDataset
 
 PANDAS_3 = int(pd.__version__.split(".")[0]) >= 3
 
@@ -58,23 +58,26 @@ def write_dataset(root, name="NanToy"):
     return name
 
 
-def build_dataset(root):
+def build_dataset(root, **overrides):
     name = write_dataset(root)
-    config = Config(
-        model="Pop",
-        dataset=name,
-        config_dict={
-            "data_path": str(root),
-            "load_col": {
-                "inter": ["user_id", "item_id", "rating", "timestamp"],
-                "item": ["item_id", "price", "brand", "categories", "scores"],
-            },
-            "normalize_all": False,
-            "normalize_field": None,
-            "show_progress": False,
+    config_dict = {
+        "data_path": str(root),
+        "load_col": {
+            "inter": ["user_id", "item_id", "rating", "timestamp"],
+            "item": ["item_id", "price", "brand", "categories", "scores"],
         },
-    )
-    return Dataset(config)
+        "normalize_all": False,
+        "normalize_field": None,
+        "show_progress": False,
+    }
+    config_dict.update(overrides)
+    return Dataset(Config(model="Pop", dataset=name, config_dict=config_dict))
+
+
+def item_rows(dataset, field):
+    """{item token or "[PAD]": value} of an item feature column."""
+    tokens = dataset.field2id_token["item_id"]
+    return {tokens[row]: value for row, value in dataset.item_feat.set_index("item_id")[field].items()}
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -119,3 +122,46 @@ def test_chained_fillna_is_a_no_op_under_copy_on_write():
         frame = pd.DataFrame({"price": [1.0, np.nan]})
         frame["price"].fillna(value=0.0, inplace=True)
     assert np.isnan(frame["price"].iloc[1])
+
+
+# Sequence columns: RecBole takes per-row lengths as column.agg(len), one number from pandas 3 on.
+
+@pytest.mark.parametrize("mode", MODES)
+def test_float_sequences_normalized_row_by_row(tmp_path, mode):
+    with pandas_mode(mode):
+        dataset = build_dataset(tmp_path, normalize_field=["scores"])
+    # min-max over all values (0.5, 1.5, 2.5): x -> (x - 0.5) / 2
+    scores = {token: list(values) for token, values in item_rows(dataset, "scores").items()}
+    assert scores == {"[PAD]": [], "i1": [0.0, 0.5], "i2": [], "i3": [1.0]}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_float_sequences_discretized_row_by_row(tmp_path, mode):
+    with pandas_mode(mode):
+        dataset = build_dataset(tmp_path, numerical_features=["scores"],
+                                discretization={"scores": {"method": "ED", "bucket": 2}})
+    # equal-distance buckets over [0.5, 2.5]: floor((x - 0.5) * 2 / 2 + 1) -> 0.5: 1, 1.5: 1, 2.5: 2
+    buckets = {token: list(pair[1]) for token, pair in item_rows(dataset, "scores").items()}
+    assert buckets == {"[PAD]": [], "i1": [1, 1], "i2": [], "i3": [2]}
+    assert dataset.field2bucketnum["scores"] == 3
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_benchmark_histories_keep_their_own_lengths(tmp_path, mode):
+    histories = {"train": [("u1", "i1", "i2"), ("u2", "i3", "i1 i2 i4")], "valid": [("u1", "i3", "i1 i2")],
+                 "test": [("u1", "i4", "i1 i2 i3"), ("u2", "i2", "i1")]}
+    folder = tmp_path / "SeqToy"
+    folder.mkdir()
+    for split, rows in histories.items():
+        lines = ["user_id:token\titem_id:token\titem_id_list:token_seq"] + ["\t".join(row) for row in rows]
+        (folder / f"SeqToy.{split}.inter").write_text("\n".join(lines) + "\n")
+    config = Config(model="SASRec", dataset="SeqToy", config_dict={
+        "data_path": str(tmp_path), "benchmark_filename": ["train", "valid", "test"],
+        "alias_of_item_id": ["item_id_list"], "load_col": {"inter": ["user_id", "item_id", "item_id_list"]},
+        "TIME_FIELD": None, "train_neg_sample_args": None, "show_progress": False})
+    with pandas_mode(mode):
+        dataset = SequentialDataset(config)
+    assert dataset.inter_feat["item_length"].tolist() == [1, 3, 2, 3, 1]
+    tokens = dataset.field2id_token["item_id"]
+    assert [list(tokens[ids]) for ids in dataset.inter_feat["item_id_list"]] == [
+        ["i2"], ["i1", "i2", "i4"], ["i1", "i2"], ["i1", "i2", "i3"], ["i1"]]
