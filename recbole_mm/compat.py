@@ -16,9 +16,17 @@ import torch
 # np.complex_ and np.unicode_ (to re-add np.float, np.long, ... that its code uses) and ray 2.6's Tune
 # reads np.bool8; each alias names the same type it named in numpy 1.
 _NUMPY_1_ALIASES = {"float_": np.float64, "complex_": np.complex128, "unicode_": np.str_, "bool8": np.bool_}
-for _alias, _type in _NUMPY_1_ALIASES.items():
-    if not hasattr(np, _alias):
-        setattr(np, _alias, _type)
+
+
+def restore_numpy_1_aliases():
+    """Set the numpy-1 names above where numpy lacks them. Also Ray's ``worker_process_setup_hook``:
+    a Ray worker imports ``ray.tune`` before any recbole-mm code runs in it."""
+    for alias, numpy_type in _NUMPY_1_ALIASES.items():
+        if not hasattr(np, alias):
+            setattr(np, alias, numpy_type)
+
+
+restore_numpy_1_aliases()
 
 from recbole.data.dataset import Dataset, KnowledgeBasedDataset, SequentialDataset  # noqa: E402  (after the aliases)
 from recbole.utils import FeatureSource, FeatureType, set_color  # noqa: E402
