@@ -12,6 +12,19 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # The test suite's shared datasets: $RECBOLE_MM_DATA, else a shared/datasets folder beside the checkout.
 os.environ.setdefault(DATA_ENV_VAR, str(PROJECT_ROOT.parent / "shared" / "datasets"))
 
+# The fast subset that .ci/run also runs on the newest numpy / pandas (`pytest -m stack`): the modules
+# that drive RecBole's data pipeline, the trainer and the dataset converters on real files.
+STACK_TEST_MODULES = {
+    "test_compat", "test_config", "test_feature_hook", "test_candidates", "test_mmsasrec", "test_trainer",
+    "test_cli", "test_dataset_conversion",
+}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.module.__name__.rsplit(".", 1)[-1] in STACK_TEST_MODULES:
+            item.add_marker(pytest.mark.stack)
+
 
 def shared_dataset_dir(name):
     """The shared dataset folder; a skip where absent, a failure under CI (RECBOLE_MM_REQUIRE_DATA=1)."""

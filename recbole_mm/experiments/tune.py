@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 from recbole.trainer.hyper_tuning import HyperTuning, _parameters  # hyperopt only: no ray import
 
+from recbole_mm.compat import restore_numpy_1_aliases
 from recbole_mm.experiments.hashing import config_hash, effective_config
 from recbole_mm.experiments.measure import measured_run
 from recbole_mm.utils import RecboleMMError
@@ -235,8 +236,8 @@ def run_with_ray(model, dataset, params_file, algo="exhaustive", max_evals=100, 
         raise RecboleMMError(
             f"--ray needs Ray Tune, which does not import here ({type(error).__name__}: {error}). "
             "Install it with pip install 'ray[tune]'; RecBole's ray 2.6.3 instead needs "
-            "pip install 'setuptools<81' pyarrow (it imports pkg_resources; Tune reads results through "
-            "pyarrow). Without --ray the same search runs "
+            "pip install 'setuptools<81' 'pyarrow<26' (it imports pkg_resources; Tune reads results through "
+            "pyarrow, and pyarrow 26 needs numpy 2). Without --ray the same search runs "
             "with hyperopt in this process."
         ) from error
     if algo not in ALGORITHMS:
@@ -273,7 +274,7 @@ def run_with_ray(model, dataset, params_file, algo="exhaustive", max_evals=100, 
                         "seconds_per_epoch": result["seconds_per_epoch"], "epochs_to_best": result["epochs_to_best"]})
 
     if not ray.is_initialized():
-        ray.init(address=address)
+        ray.init(address=address, runtime_env={"worker_process_setup_hook": restore_numpy_1_aliases})
     trainable = ray_tune.with_resources(trainable, {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
     experiment = output / "ray"
     if (experiment / "tuner.pkl").is_file():  # Tuner.can_restore would need pyarrow even for local folders
