@@ -80,7 +80,7 @@ class MultimodalSequentialDataset(SequentialDataset):
         if self.time_field is None or self.time_field not in self.inter_feat or self.config["timestamps_are_order"]:
             return
         is_counter, step, share = counter_like_timestamps(
-            self.inter_feat[self.uid_field].numpy(), self.inter_feat[self.time_field].numpy()
+            np.asarray(self.inter_feat[self.uid_field]), np.asarray(self.inter_feat[self.time_field])
         )
         if is_counter:
             self.logger.warning(
