@@ -1,11 +1,35 @@
 """The feature hook: RecBole's SequentialDataset plus frozen per-item feature tables."""
 from pathlib import Path
 
+import numpy as np
 from recbole.data.dataset import SequentialDataset as RecBoleSequentialDataset
 from recbole.utils import FeatureType
 
 from recbole_mm.data.features import FeatureTableSpec, describe_missing, load_feature_table
 from recbole_mm.utils import RecboleMMError
+
+
+# Share of within-user steps equal to the most common (non-zero) step above which timestamps are taken for a
+# row counter: real clocks never give one step for 90% of a dataset's consecutive interactions.
+COUNTER_STEP_SHARE = 0.9
+
+
+def counter_like_timestamps(users, times):
+    """(is_counter, modal step, its share) for interactions given as parallel arrays.
+
+    Counter-like: the most common step between a user's consecutive (time-sorted) interactions is
+    positive and covers at least COUNTER_STEP_SHARE of all steps (LLMRank's LastFM: 99% are 1).
+    """
+    users, times = np.asarray(users), np.asarray(times, dtype=np.float64)
+    order = np.lexsort((times, users))
+    users, times = users[order], times[order]
+    steps = np.diff(times)[users[1:] == users[:-1]]
+    if len(steps) == 0:
+        return False, None, 0.0
+    values, counts = np.unique(steps, return_counts=True)
+    modal = int(np.argmax(counts))
+    share = float(counts[modal] / len(steps))
+    return bool(values[modal] > 0 and share >= COUNTER_STEP_SHARE), float(values[modal]), share
 
 
 class SequentialDataset(RecBoleSequentialDataset):
@@ -42,10 +66,29 @@ class MultimodalSequentialDataset(SequentialDataset):
         super().__init__(config)
         self.item_features, self.item_feature_masks = {}, {}
         self._load_feature_tables()
+        self._check_timestamps()
 
     @property
     def has_timestamps(self):
-        return self.time_field is not None and self.time_field in self.field2type
+        """Time-aware models read real gaps only: ``timestamps_are_order: True`` (a dataset whose
+        timestamps are a row counter, e.g. lastfm-llmrank) keeps the order and drops the time signal."""
+        has_field = self.time_field is not None and self.time_field in self.field2type
+        return has_field and not self.config["timestamps_are_order"]
+
+    def _check_timestamps(self):
+        """Warn when timestamps look like a row counter and the dataset does not say so."""
+        if self.time_field is None or self.time_field not in self.inter_feat or self.config["timestamps_are_order"]:
+            return
+        is_counter, step, share = counter_like_timestamps(
+            np.asarray(self.inter_feat[self.uid_field]), np.asarray(self.inter_feat[self.time_field])
+        )
+        if is_counter:
+            self.logger.warning(
+                f"dataset '{self.dataset_name}': {share:.0%} of the steps between a user's consecutive timestamps are "
+                f"exactly {step:g}: the timestamps look like a row counter, not time. Time-aware models (MMM4Rec) "
+                "would read them as real gaps; if they only give the order, set timestamps_are_order: True in "
+                f"properties/dataset/{self.dataset_name}.yaml (or on the command line)."
+            )
 
     def _load_feature_tables(self):
         declared = self.config["feature_tables"] or {}

@@ -309,7 +309,7 @@ class MMM4Rec(MultimodalSequentialRecommender):
         self.is_time = bool(config["is_time"])
         if self.is_time and not self.has_timestamps:
             logger.warning(
-                "MMM4Rec: dataset '%s' has no timestamps (no TIME_FIELD / timestamp_list), running the "
+                "MMM4Rec: dataset '%s' has no timestamps (no TIME_FIELD / timestamp_list, or timestamps_are_order: True), running the "
                 "w/o-Time variant (is_time: False).", config["dataset"]
             )
             self.is_time = False
