@@ -8,12 +8,17 @@ item 0), the target at a uniformly random slot.
 - Evaluation candidates depend only on ``(seed, user, target, history length)``: the same sample
   gets the same candidate set in every run, batch order and batch size, and for every model (so
   SASRec / MMSASRec can be ranked on exactly the sets Speeder answers on).
+- Or the evaluation sets come from a file (``FileCandidateSets``): a benchmark's published negatives
+  (ReChorus' 99 per dev/test row, LLMRank's ``lastfm.random``), so every model ranks exactly those.
 """
 
-from typing import List, Optional, Sequence, Tuple
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+
+from recbole_mm.utils import RecboleMMError
 
 
 def _row_items(history_row) -> List[int]:
@@ -78,6 +83,92 @@ class CandidateSampler:
         lengths = (histories != 0).sum(dim=1).tolist()
         rngs = [self.evaluation_rng(u, t, n) for u, t, n in zip(users.tolist(), targets.tolist(), lengths)]
         return self._batch(histories, targets, rngs)
+
+
+class FileCandidateSets:
+    """Evaluation candidate sets given by a file, one set per (user, target item).
+
+    File: tab-separated with a header naming at least ``user_id``, ``item_id`` (the target) and
+    ``candidates`` (space-separated item tokens, the target among them); RecBole type suffixes
+    (``user_id:token``) and further columns are allowed. Tokens are the dataset's own user/item
+    tokens. A token repeated in one set counts once (RecBole ranks items, not list entries).
+    """
+
+    def __init__(self, sets: Dict[Tuple[str, str], List[str]], path):
+        self.sets = sets
+        self.path = Path(path)
+        self._internal = None
+
+    @classmethod
+    def read(cls, path, user_field="user_id", item_field="item_id", candidates_field="candidates"):
+        path = Path(path)
+        if not path.is_file():
+            raise RecboleMMError(f"candidate_file: {path} does not exist; write it with the dataset's converter "
+                                 "(dataset_conversion/) or fix candidate_file in your config.")
+        sets = {}
+        with open(path, encoding="utf-8") as handle:
+            header = [name.split(":")[0] for name in handle.readline().rstrip("\n").split("\t")]
+            missing = [name for name in (user_field, item_field, candidates_field) if name not in header]
+            if missing:
+                raise RecboleMMError(f"{path}:1: header {header} lacks the column(s) {missing}; expected "
+                                     f"{user_field}, {item_field} (the target) and {candidates_field}.")
+            user_col, item_col, cand_col = (header.index(n) for n in (user_field, item_field, candidates_field))
+            for line_number, line in enumerate(handle, 2):
+                parts = line.rstrip("\n").split("\t")
+                if len(parts) != len(header):
+                    raise RecboleMMError(f"{path}:{line_number}: {len(parts)} fields, the header has {len(header)}.")
+                key = (parts[user_col], parts[item_col])
+                candidates = list(dict.fromkeys(parts[cand_col].split()))
+                if key[1] not in candidates:
+                    raise RecboleMMError(f"{path}:{line_number}: the target {key[1]!r} is not among its candidates; "
+                                         "a candidate set must contain the item it is evaluated on.")
+                if key in sets:
+                    raise RecboleMMError(f"{path}:{line_number}: a second set for user {key[0]!r}, target "
+                                         f"{key[1]!r}; each (user, target) needs exactly one.")
+                sets[key] = candidates
+        if not sets:
+            raise RecboleMMError(f"{path}: no candidate set in the file.")
+        return cls(sets, path)
+
+    def bind(self, dataset):
+        """Translate the tokens to the dataset's internal ids (once); unknown tokens are an error."""
+        if self._internal is not None:
+            return self
+        user_ids = dataset.field2token_id[dataset.uid_field]
+        item_ids = dataset.field2token_id[dataset.iid_field]
+        unknown = sorted({t for (_, target), cands in self.sets.items() for t in cands + [target] if t not in item_ids})
+        unknown_users = sorted({user for user, _ in self.sets if user not in user_ids})
+        if unknown or unknown_users:
+            raise RecboleMMError(
+                f"{self.path}: {len(unknown)} item token(s) (first: {unknown[:5]}) and {len(unknown_users)} user "
+                f"token(s) (first: {unknown_users[:5]}) are not in dataset '{dataset.dataset_name}'; the file "
+                "belongs to another conversion of the data: re-run the converter."
+            )
+        self._internal = {
+            (user_ids[user], item_ids[target]): [item_ids[t] for t in cands] for (user, target), cands in self.sets.items()
+        }
+        self._tokens = (dataset.field2id_token[dataset.uid_field], dataset.field2id_token[dataset.iid_field])
+        return self
+
+    def evaluation_candidates(self, users: torch.Tensor, histories: torch.Tensor, targets: torch.Tensor):
+        """(B, m) candidate ids (short sets padded with the target) and (B,) target slots."""
+        if self._internal is None:
+            raise RecboleMMError("FileCandidateSets.bind(dataset) must be called before evaluation.")
+        rows = []
+        for user, target in zip(users.tolist(), targets.tolist()):
+            candidates = self._internal.get((user, target))
+            if candidates is None:
+                user_tokens, item_tokens = self._tokens
+                raise RecboleMMError(
+                    f"{self.path}: no candidate set for user {user_tokens[user]!r} with target "
+                    f"{item_tokens[target]!r}; the file must cover every evaluated (user, target) pair."
+                )
+            rows.append(candidates)
+        width = max(len(row) for row in rows)
+        padded = [row + [target] * (width - len(row)) for row, target in zip(rows, targets.tolist())]
+        labels = [row.index(target) for row, target in zip(rows, targets.tolist())]
+        device = targets.device
+        return torch.tensor(padded, dtype=torch.long, device=device), torch.tensor(labels, dtype=torch.long, device=device)
 
 
 def restrict_scores_to_candidates(scores: torch.Tensor, candidates: torch.Tensor):
