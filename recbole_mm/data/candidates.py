@@ -8,12 +8,15 @@ item 0), the target at a uniformly random slot.
 - Evaluation candidates depend only on ``(seed, user, target, history length)``: the same sample
   gets the same candidate set in every run, batch order and batch size, and for every model (so
   SASRec / MMSASRec can be ranked on exactly the sets Speeder answers on).
-- Or the evaluation sets come from a file (``FileCandidateSets``): a benchmark's published negatives
-  (ReChorus' 99 per dev/test row, LLMRank's ``lastfm.random``), so every model ranks exactly those.
+
+``CandidateFile`` replaces the sampled evaluation sets by fixed ones read from a file (LLMRank's
+``<dataset>.random``, a converter's export of ReChorus' sampled negatives): the negatives come from
+the file, only the target's slot is drawn (from the same seed).
 """
 
+from collections import defaultdict
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -85,90 +88,116 @@ class CandidateSampler:
         return self._batch(histories, targets, rngs)
 
 
-class FileCandidateSets:
-    """Evaluation candidate sets given by a file, one set per (user, target item).
+class CandidateFile:
+    """Fixed evaluation candidate sets from a text file, one line per user or per sample:
 
-    File: tab-separated with a header naming at least ``user_id``, ``item_id`` (the target) and
-    ``candidates`` (space-separated item tokens, the target among them); RecBole type suffixes
-    (``user_id:token``) and further columns are allowed. Tokens are the dataset's own user/item
-    tokens. A token repeated in one set counts once (RecBole ranks items, not list entries).
+        <user token>\t<item token> <item token> ...                  the same negatives for every target of the user
+        <user token>\t<target item token>\t<item token> ...         negatives of that (user, target) sample
+
+    (tokens as in the dataset's atomic files; LLMRank's ``lastfm.random`` is the first form). A sample's
+    set is the first ``num_candidates - 1`` listed items other than its target (the target is dropped
+    from the list where it occurs, as LLMRank does), plus the target at a slot drawn from
+    ``(seed, user, target, history length)``; ``num_candidates=None`` uses every listed item. Only the
+    samples whose key the file lists can be evaluated (``covers``); the candidate-protocol trainer
+    evaluates exactly those.
+
+    Every problem of the file is an error naming the file, its lines and the fix: unknown users or items
+    (the file belongs to another dataset or filtering), an item listed twice in a line, a key on two
+    lines, a line with too few items, a malformed line. Nothing is skipped or guessed.
     """
 
-    def __init__(self, sets: Dict[Tuple[str, str], List[str]], path):
-        self.sets = sets
+    MAX_NAMED = 5
+
+    def __init__(self, path, user_token2id, item_token2id, num_candidates=None, seed=2020):
         self.path = Path(path)
-        self._internal = None
+        self.num_candidates = None if num_candidates is None else int(num_candidates)
+        if self.num_candidates is not None and self.num_candidates < 2:
+            raise ValueError(f"num_candidates={num_candidates}: a candidate set needs the target and at least one negative.")
+        self.seed = int(seed)
+        if not self.path.is_file():
+            raise RecboleMMError(f"candidate_file {self.path} does not exist; give a path relative to the dataset folder or an absolute one.")
+        self.lists, self.per_sample = self._read(user_token2id, item_token2id)
 
-    @classmethod
-    def read(cls, path, user_field="user_id", item_field="item_id", candidates_field="candidates"):
-        path = Path(path)
-        if not path.is_file():
-            raise RecboleMMError(f"candidate_file: {path} does not exist; write it with the dataset's converter "
-                                 "(dataset_conversion/) or fix candidate_file in your config.")
-        sets = {}
-        with open(path, encoding="utf-8") as handle:
-            header = [name.split(":")[0] for name in handle.readline().rstrip("\n").split("\t")]
-            missing = [name for name in (user_field, item_field, candidates_field) if name not in header]
-            if missing:
-                raise RecboleMMError(f"{path}:1: header {header} lacks the column(s) {missing}; expected "
-                                     f"{user_field}, {item_field} (the target) and {candidates_field}.")
-            user_col, item_col, cand_col = (header.index(n) for n in (user_field, item_field, candidates_field))
-            for line_number, line in enumerate(handle, 2):
-                parts = line.rstrip("\n").split("\t")
-                if len(parts) != len(header):
-                    raise RecboleMMError(f"{path}:{line_number}: {len(parts)} fields, the header has {len(header)}.")
-                key = (parts[user_col], parts[item_col])
-                candidates = list(dict.fromkeys(parts[cand_col].split()))
-                if key[1] not in candidates:
-                    raise RecboleMMError(f"{path}:{line_number}: the target {key[1]!r} is not among its candidates; "
-                                         "a candidate set must contain the item it is evaluated on.")
-                if key in sets:
-                    raise RecboleMMError(f"{path}:{line_number}: a second set for user {key[0]!r}, target "
-                                         f"{key[1]!r}; each (user, target) needs exactly one.")
-                sets[key] = candidates
-        if not sets:
-            raise RecboleMMError(f"{path}: no candidate set in the file.")
-        return cls(sets, path)
+    def _read(self, user_token2id, item_token2id):
+        lists, problems, widths = {}, defaultdict(list), set()
+        with open(self.path, encoding="utf-8") as handle:
+            for line_number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                fields = line.rstrip("\n").split("\t")
+                where = f"{self.path.name}:{line_number}"
+                if len(fields) not in (2, 3) or not fields[-1].split():
+                    problems["malformed lines (need user<TAB>items or user<TAB>target<TAB>items)"].append(where)
+                    continue
+                widths.add(len(fields))
+                user = user_token2id.get(fields[0])
+                if user is None:
+                    problems["users unknown to the dataset"].append(f"{where} ({fields[0]})")
+                    continue
+                tokens = fields[-1].split()
+                unknown = [token for token in tokens if token not in item_token2id]
+                if unknown:
+                    problems["items unknown to the dataset"].append(f"{where} ({unknown[0]}, {len(unknown)} in the line)")
+                    continue
+                if len(set(tokens)) != len(tokens):
+                    problems["lines listing an item twice"].append(where)
+                    continue
+                key = user
+                if len(fields) == 3:
+                    if fields[1] not in item_token2id:
+                        problems["items unknown to the dataset"].append(f"{where} (target {fields[1]})")
+                        continue
+                    key = (user, item_token2id[fields[1]])
+                if key in lists:
+                    problems["keys (user or user+target) on more than one line"].append(where)
+                    continue
+                lists[key] = np.array([item_token2id[token] for token in tokens], dtype=np.int64)
+        if len(widths) > 1:
+            problems["a mix of 2- and 3-field lines"].append(self.path.name)
+        if not lists and not problems:
+            problems["no candidate line"].append(self.path.name)
+        if problems:
+            detail = "; ".join(f"{kind}: {len(where)} (first: {', '.join(where[:self.MAX_NAMED])})"
+                               for kind, where in problems.items())
+            raise RecboleMMError(f"candidate_file {self.path}: {detail}. The file must list tokens of this dataset's "
+                                 "atomic files; regenerate it for this dataset (converter) or fix those lines.")
+        return lists, widths == {3}
 
-    def bind(self, dataset):
-        """Translate the tokens to the dataset's internal ids (once); unknown tokens are an error."""
-        if self._internal is not None:
-            return self
-        user_ids = dataset.field2token_id[dataset.uid_field]
-        item_ids = dataset.field2token_id[dataset.iid_field]
-        unknown = sorted({t for (_, target), cands in self.sets.items() for t in cands + [target] if t not in item_ids})
-        unknown_users = sorted({user for user, _ in self.sets if user not in user_ids})
-        if unknown or unknown_users:
-            raise RecboleMMError(
-                f"{self.path}: {len(unknown)} item token(s) (first: {unknown[:5]}) and {len(unknown_users)} user "
-                f"token(s) (first: {unknown_users[:5]}) are not in dataset '{dataset.dataset_name}'; the file "
-                "belongs to another conversion of the data: re-run the converter."
-            )
-        self._internal = {
-            (user_ids[user], item_ids[target]): [item_ids[t] for t in cands] for (user, target), cands in self.sets.items()
-        }
-        self._tokens = (dataset.field2id_token[dataset.uid_field], dataset.field2id_token[dataset.iid_field])
-        return self
+    def _key(self, user, target):
+        return (int(user), int(target)) if self.per_sample else int(user)
+
+    def covers(self, users: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """(B,) bool: the file lists candidates for the sample."""
+        keys = [self._key(u, t) for u, t in zip(users.tolist(), targets.tolist())]
+        return torch.tensor([key in self.lists for key in keys], dtype=torch.bool, device=users.device)
 
     def evaluation_candidates(self, users: torch.Tensor, histories: torch.Tensor, targets: torch.Tensor):
-        """(B, m) candidate ids (short sets padded with the target) and (B,) target slots."""
-        if self._internal is None:
-            raise RecboleMMError("FileCandidateSets.bind(dataset) must be called before evaluation.")
-        rows = []
-        for user, target in zip(users.tolist(), targets.tolist()):
-            candidates = self._internal.get((user, target))
-            if candidates is None:
-                user_tokens, item_tokens = self._tokens
-                raise RecboleMMError(
-                    f"{self.path}: no candidate set for user {user_tokens[user]!r} with target "
-                    f"{item_tokens[target]!r}; the file must cover every evaluated (user, target) pair."
-                )
-            rows.append(candidates)
-        width = max(len(row) for row in rows)
-        padded = [row + [target] * (width - len(row)) for row, target in zip(rows, targets.tolist())]
-        labels = [row.index(target) for row, target in zip(rows, targets.tolist())]
+        """(B, m) ids and (B,) target slots for samples the file covers (an error for any other)."""
+        lengths = (histories != 0).sum(dim=1).tolist()
+        rows, labels, short = [], [], []
+        for user, target, length in zip(users.tolist(), targets.tolist(), lengths):
+            key = self._key(user, target)
+            if key not in self.lists:
+                raise RecboleMMError(f"candidate_file {self.path} has no candidates for internal user id {user}"
+                                     f"{'' if not self.per_sample else f' and target {target}'}; evaluate only covered samples.")
+            negatives = self.lists[key][self.lists[key] != target]
+            size = len(negatives) + 1 if self.num_candidates is None else self.num_candidates
+            if len(negatives) < size - 1:
+                short.append(user)
+                continue
+            label = int(np.random.default_rng([self.seed, int(user), int(target), int(length)]).integers(0, size))
+            negatives = negatives[: size - 1].tolist()
+            rows.append(negatives[:label] + [int(target)] + negatives[label:])
+            labels.append(label)
+        if short:
+            raise RecboleMMError(f"candidate_file {self.path}: internal users {short[:self.MAX_NAMED]} ({len(short)} in this batch) "
+                                 f"list fewer than num_candidates - 1 = {self.num_candidates - 1} items besides the "
+                                 "target; lower num_candidates.")
+        if len({len(row) for row in rows}) > 1:
+            raise RecboleMMError(f"candidate_file {self.path}: lines list different numbers of items; set num_candidates "
+                                 "to use the same number of candidates for every sample.")
         device = targets.device
-        return torch.tensor(padded, dtype=torch.long, device=device), torch.tensor(labels, dtype=torch.long, device=device)
+        return torch.tensor(rows, dtype=torch.long, device=device), torch.tensor(labels, dtype=torch.long, device=device)
 
 
 def restrict_scores_to_candidates(scores: torch.Tensor, candidates: torch.Tensor):

@@ -36,6 +36,7 @@ from torch.nn import functional as F
 
 from recbole_mm.data.candidates import CandidateSampler, position_proxy_batch
 from recbole_mm.evaluator.candidate_metrics import CANDIDATE_METRICS, register_candidate_metrics
+from recbole_mm.evaluator.candidate_protocol import candidate_source_from_config
 from recbole_mm.model.abstract import MultimodalSequentialRecommender
 from recbole_mm.model.layers.llm import ITEM_PLACEHOLDER, backbone_from_config, pad_rows
 from recbole_mm.model.layers.mome import MultimodalItemCompressor
@@ -177,6 +178,7 @@ class Speeder(MultimodalSequentialRecommender):
                 f"num_candidates={self.num_candidates} but only {len(labels)} candidate_labels: add labels."
             )
         self.candidate_sampler = CandidateSampler(self.n_items, self.num_candidates, int(config["candidate_seed"]))
+        self.evaluation_source = candidate_source_from_config(config, dataset)  # the sampler, or candidate_file's sets
         self.ppt_rng = np.random.default_rng(int(config["seed"]))
 
         input_sizes = {name: self.feature_dims[name] for name in self.modalities}
@@ -329,7 +331,7 @@ class Speeder(MultimodalSequentialRecommender):
         return loss
 
     def evaluation_candidates(self, interaction):
-        return self.candidate_sampler.evaluation_candidates(
+        return self.evaluation_source.evaluation_candidates(
             interaction[self.USER_ID], interaction[self.ITEM_SEQ], interaction[self.POS_ITEM_ID]
         )
 
