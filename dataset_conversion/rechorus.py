@@ -14,7 +14,7 @@ Writes into ``<output_dir>/<dataset>/`` (the converters' output contract, datase
   <D>.inter        user_id, item_id (the ASIN), timestamp: each user's train rows, then dev, then test,
                    so RecBole's leave-one-out split by time gives exactly the file's dev/test items
   <D>.item         item_id, text, category_id, brand_id;  <D>.item2index  ASIN -> row (ReChorus id - 1)
-  <D>.candidates   user_id, item_id (the dev/test target), candidates (target + its negatives), split
+  <D>.candidates   user <tab> dev/test target <tab> its distinct negatives (for candidate_file)
   <D>.text.npy     the text, encoded by the default offline encoder (all-MiniLM-L6-v2, 384-d, L2)
   <D>.attribute.npy  category + brand as an L2-normalised two-hot vector (ReChorus' i_category, i_brand)
 Bad input: malformed rows and ids outside <Name>.item2index are skipped and counted with file:line;
@@ -51,13 +51,12 @@ from dataset_conversion.common import (  # noqa: E402
     save_npy,
     sha256_file,
     write_atomic_dataset,
-    write_table,
+    write_text,
 )
 
 SOURCE = "rechorus"
 ITEM_FIELDS = [("text", "token_seq"), ("category_id", "token"), ("brand_id", "token")]
 ATTRIBUTE_FIELDS = ("category_id", "brand_id")
-CANDIDATE_HEADER = ["user_id:token", "item_id:token", "candidates:token_seq", "split:token"]
 
 
 def find_name(raw_dir):
@@ -224,7 +223,7 @@ def convert(raw_dir, dataset="Office", output_dir=None, raw_name=None, force=Fal
         for item, time, split, negatives, where in sequences[user]:
             inter_rows.append((str(user), asin_of[item], time))
             if negatives is not None:
-                candidate_rows.append(candidate_set(user, item, negatives, split, where, asin_of, report, candidate_stats))
+                candidate_rows.append(candidate_set(user, item, negatives, where, asin_of, report, candidate_stats))
     inter = pd.DataFrame(inter_rows, columns=["user_id", "item_id", "timestamp"])
     if inter.empty:
         raise ValueError(f"{raw_dir}: no interaction could be read; check the files")
@@ -241,7 +240,7 @@ def convert(raw_dir, dataset="Office", output_dir=None, raw_name=None, force=Fal
 
     candidates_name = f"{dataset}.candidates"
     dataset_dir.mkdir(parents=True, exist_ok=True)
-    write_table(dataset_dir / candidates_name, CANDIDATE_HEADER, candidate_rows)
+    write_text(dataset_dir / candidates_name, "".join("\t".join(row) + "\n" for row in candidate_rows))
     stats = {
         "users": int(inter["user_id"].nunique()),
         "items": len(items),
@@ -261,8 +260,9 @@ def convert(raw_dir, dataset="Office", output_dir=None, raw_name=None, force=Fal
     return dataset_dir, stats
 
 
-def candidate_set(user, target, negatives, split, where, asin_of, report, stats):
-    """One row of <D>.candidates: the target first, then its distinct known negatives in file order."""
+def candidate_set(user, target, negatives, where, asin_of, report, stats):
+    """One line of <D>.candidates (recbole_mm.data.candidates.CandidateFile's per-sample form):
+    user, target, its distinct known negatives in file order."""
     kept, repeats = [], 0
     for negative in negatives:
         if negative == target:
@@ -276,7 +276,7 @@ def candidate_set(user, target, negatives, split, where, asin_of, report, stats)
     stats["sets"] += 1
     stats["repeated_negatives"] += repeats
     stats["sets_with_repeats"] += int(repeats > 0)
-    return str(user), asin_of[target], " ".join(asin_of[item] for item in [target] + kept), split
+    return str(user), asin_of[target], " ".join(asin_of[item] for item in kept)
 
 
 def write_attribute_features(dataset_dir, dataset, modality="attribute", force=False):

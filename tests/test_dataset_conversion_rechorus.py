@@ -271,9 +271,10 @@ def test_bad_rows_are_counted_with_file_and_line(tmp_path):
     assert bad["users without a dev or test row (RecBole's split then differs from the file's)"]["first"] == ["user 3"]
     assert stats["candidate_sets"] == {"sets": 5, "repeated_negatives": 2, "sets_with_repeats": 2}
     candidates = {tuple(line.split("\t")[:2]): line.split("\t")[2].split()
-                  for line in (dataset_dir / "Toy.candidates").read_text().splitlines()[1:]}
-    assert candidates[("1", ASINS[3])] == [ASINS[3], ASINS[4], ASINS[5]]  # target first, 4 and 42 dropped, 6 once
-    assert candidates[("2", ASINS[5])] == [ASINS[5], ASINS[0], ASINS[7]]
+                  for line in (dataset_dir / "Toy.candidates").read_text().splitlines()}
+    assert candidates[("1", ASINS[3])] == [ASINS[4], ASINS[5]]  # the target 4 and the unknown 42 dropped, 6 once
+    assert candidates[("2", ASINS[5])] == [ASINS[0], ASINS[7]]
+    assert len(candidates) == 5
     items = dict(line.split("\t", 1) for line in (dataset_dir / "Toy.item").read_text().splitlines()[1:])
     assert items[ASINS[7]] == "\tc2\t"  # no text, category 8 % 3 = 2, brand 0 = unknown
 
