@@ -220,10 +220,18 @@ def convert(raw_dir, dataset="Office", output_dir=None, raw_name=None, force=Fal
     inter_rows, candidate_rows = [], []
     candidate_stats = {"sets": 0, "repeated_negatives": 0, "sets_with_repeats": 0}
     for user in sorted(sequences):
-        for item, time, split, negatives, where in sequences[user]:
+        interacted = {item for item, *_ in sequences[user]}
+        for item, time, _, negatives, where in sequences[user]:
             inter_rows.append((str(user), asin_of[item], time))
-            if negatives is not None:
-                candidate_rows.append(candidate_set(user, item, negatives, where, asin_of, report, candidate_stats))
+            if negatives is None:
+                continue
+            if any(n in interacted and n != item for n in negatives):
+                report.add("negatives the user interacted with (kept: ReChorus never samples them)", where)
+            row = candidate_set(user, item, negatives, where, asin_of, report, candidate_stats)
+            if row[2]:
+                candidate_rows.append(row)
+            else:
+                report.add("dev/test rows without a usable negative (no candidate set written)", where)
     inter = pd.DataFrame(inter_rows, columns=["user_id", "item_id", "timestamp"])
     if inter.empty:
         raise ValueError(f"{raw_dir}: no interaction could be read; check the files")

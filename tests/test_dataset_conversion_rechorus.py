@@ -251,7 +251,8 @@ def write_toy_rechorus(root, dev_time=500, extra_dev_line=None):
     if extra_dev_line:
         dev.append(extra_dev_line)
     (root / "dev.csv").write_text("\n".join(dev) + "\n")
-    test = ["user_id\titem_id\ttime\tneg_items", "1\t5\t600\t[7, 8]", "2\t6\t600\t[1, 8, 8]", "3\t7\t600\t[1, 2 3]"]
+    test = ["user_id\titem_id\ttime\tneg_items", "1\t5\t600\t[7, 8, 1]", "2\t6\t600\t[1, 8, 8]", "3\t7\t600\t[1, 2 3]",
+            "4\t1\t600\t[1]"]  # line 5: user 4's only negative is its target
     (root / "test.csv").write_text("\n".join(test) + "\n")
     return root
 
@@ -264,12 +265,16 @@ def test_bad_rows_are_counted_with_file_and_line(tmp_path):
     assert bad["train.csv: malformed row (skipped)"] == {"count": 1, "first": ["train.csv:6"]}
     assert bad["test.csv: malformed row (skipped)"] == {"count": 1, "first": ["test.csv:4"]}
     assert bad["dev.csv: second row for a user (skipped)"] == {"count": 1, "first": ["dev.csv:5"]}
-    assert bad["negatives equal to the target (dropped from the set)"] == {"count": 1, "first": ["dev.csv:2"]}
+    assert bad["negatives equal to the target (dropped from the set)"] == {"count": 2, "first": ["dev.csv:2", "test.csv:5"]}
     assert bad["negatives outside the item2index file (dropped from the set)"] == {"count": 1, "first": ["dev.csv:2"]}
     assert bad["items without text (kept, text mask False)"] == {"count": 1, "first": [ASINS[7]]}
     assert bad["Toy.text: ASIN not in the item2index file (ignored)"] == {"count": 1, "first": ["B0UNKNOWN1"]}
-    assert bad["users without a dev or test row (RecBole's split then differs from the file's)"]["first"] == ["user 3"]
-    assert stats["candidate_sets"] == {"sets": 5, "repeated_negatives": 2, "sets_with_repeats": 2}
+    assert bad["users without a dev or test row (RecBole's split then differs from the file's)"]["first"] == [
+        "user 3", "user 4"]
+    assert bad["negatives the user interacted with (kept: ReChorus never samples them)"] == {
+        "count": 2, "first": ["dev.csv:2", "test.csv:2"]}  # user 1 bought items 1 and 5
+    assert bad["dev/test rows without a usable negative (no candidate set written)"] == {"count": 1, "first": ["test.csv:5"]}
+    assert stats["candidate_sets"] == {"sets": 6, "repeated_negatives": 2, "sets_with_repeats": 2}
     candidates = {tuple(line.split("\t")[:2]): line.split("\t")[2].split()
                   for line in (dataset_dir / "Toy.candidates").read_text().splitlines()}
     assert candidates[("1", ASINS[3])] == [ASINS[4], ASINS[5]]  # the target 4 and the unknown 42 dropped, 6 once
