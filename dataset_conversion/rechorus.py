@@ -194,6 +194,7 @@ def convert(raw_dir, dataset="Office", output_dir=None, raw_name=None, force=Fal
         "converter": SOURCE,
         "source": f"ReChorus layout: {raw_dir.name}/ ({raw_name}.item2index, {raw_name}.text, train/dev/test.csv)",
         "inputs": {key: file_stamp(path) for key, path in inputs.items() if path.is_file()},
+        "candidates_format": "user<TAB>target<TAB>negatives",  # a change of the written layout redoes old folders
     }
     claim_dataset_dir(dataset_dir, dataset, SOURCE, force)
     if not force and conversion_is_current(dataset_dir, dataset, parameters):
@@ -230,6 +231,7 @@ def convert(raw_dir, dataset="Office", output_dir=None, raw_name=None, force=Fal
             row = candidate_set(user, item, negatives, where, asin_of, report, candidate_stats)
             if row[2]:
                 candidate_rows.append(row)
+                candidate_stats["sets"] += 1
             else:
                 report.add("dev/test rows without a usable negative (no candidate set written)", where)
     inter = pd.DataFrame(inter_rows, columns=["user_id", "item_id", "timestamp"])
@@ -281,7 +283,6 @@ def candidate_set(user, target, negatives, where, asin_of, report, stats):
             repeats += 1  # ReChorus samples negatives with replacement
         else:
             kept.append(negative)
-    stats["sets"] += 1
     stats["repeated_negatives"] += repeats
     stats["sets_with_repeats"] += int(repeats > 0)
     return str(user), asin_of[target], " ".join(asin_of[item] for item in kept)

@@ -274,7 +274,7 @@ def test_bad_rows_are_counted_with_file_and_line(tmp_path):
     assert bad["negatives the user interacted with (kept: ReChorus never samples them)"] == {
         "count": 2, "first": ["dev.csv:2", "test.csv:2"]}  # user 1 bought items 1 and 5
     assert bad["dev/test rows without a usable negative (no candidate set written)"] == {"count": 1, "first": ["test.csv:5"]}
-    assert stats["candidate_sets"] == {"sets": 6, "repeated_negatives": 2, "sets_with_repeats": 2}
+    assert stats["candidate_sets"] == {"sets": 5, "repeated_negatives": 2, "sets_with_repeats": 2}
     candidates = {tuple(line.split("\t")[:2]): line.split("\t")[2].split()
                   for line in (dataset_dir / "Toy.candidates").read_text().splitlines()}
     assert candidates[("1", ASINS[3])] == [ASINS[4], ASINS[5]]  # the target 4 and the unknown 42 dropped, 6 once
@@ -337,3 +337,16 @@ def test_office_yaml_declares_what_the_converter_writes():
     assert office["TIME_FIELD"] == "timestamp" and office["load_col"]["inter"] == ["user_id", "item_id", "timestamp"]
     assert office["modalities"] == ["text", "attribute"]
     assert {office["feature_tables"][m]["path"] for m in office["modalities"]} == {"Office.text.npy", "Office.attribute.npy"}
+
+
+def test_command_line(tmp_path):
+    import subprocess
+    import sys
+
+    raw = write_toy_rechorus(tmp_path / "raw")
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "dataset_conversion/rechorus.py", "--raw_dir", str(raw), "--dataset", "Toy",
+                           "--output_dir", str(tmp_path / "data"), "--no_encode"], cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "Toy: 4 users, 8 items, 12 interactions, 5 candidate sets" in done.stderr
+    assert "train.csv: malformed row (skipped): 1 (first: train.csv:6)" in done.stderr
