@@ -1,12 +1,15 @@
 """Amazon Reviews 2018 / 2014 (reviews + metadata) -> RecBole atomic files for recbole_mm.
 
     python dataset_conversion/amazon.py --reviews Office_Products_5.json.gz \
-        --meta meta_Office_Products.json.gz --dataset Office            # -> ./dataset/Office/
+        --meta meta_Office_Products.json.gz --dataset Office_Products   # -> ./dataset/Office_Products/
+    python dataset_conversion/amazon.py --reviews All_Beauty_5.json.gz --keep_items_without_meta \
+        --dataset All_Beauty                                            # reviews only: items without text
 
 Accepted raw formats (gzip or plain, one record per line):
   2018 reviews  <Category>.json.gz / <Category>_5.json.gz: JSON (reviewerID, asin, overall, unixReviewTime, ...)
   2018 meta     meta_<Category>.json.gz: JSON (asin, title, brand, price "$x", category [..],
-                description [..], imageURLHighRes [..], imageURL [..])
+                description [..], image URLs in imageURLHighRes [..] / imageURL [..], or image [..]
+                in other categories); some files repeat an ASIN's row (counted, first kept)
   2014 reviews  reviews_<Category>.json.gz / reviews_<Category>_5.json.gz: JSON
   2014 meta     meta_<Category>.json.gz: Python-literal lines (asin, title, brand, price float,
                 categories [[..]], description str, imUrl str)
@@ -14,8 +17,12 @@ Accepted raw formats (gzip or plain, one record per line):
                 user,item,rating,timestamp; pass --csv_layout 2014), no header; what MMM4Rec starts from
 Every line is parsed as JSON first and as a Python literal second, so either year works with either file.
 
-Pipeline: parse -> drop interactions of items without metadata (default) -> chronological order ->
-optional dedup of repeated (user, item) -> k-core (default 5/5) -> items sorted by ASIN = item2index rows.
+Pipeline: parse -> drop interactions of items without metadata (default; --keep_items_without_meta keeps
+them with empty text; without --meta every item is such an item) -> chronological order -> drop rows that
+repeat an earlier row's (user, item, time) (default: the 2018 dumps list one review once per product
+variant, e.g. 1,108 of All_Beauty_5's 5,269 rows; --keep_variant_repeats keeps them) -> optional --dedup of
+repeated (user, item) at different times (earliest kept) -> k-core (default 5/5) -> items sorted by ASIN =
+item2index rows. The manifest's stats count every step.
 Bad input never stops the run (except when nothing is left): it is counted, the first few line numbers are
 kept, and a summary is printed and stored in the manifest. See docs/datasets.md.
 """
@@ -38,6 +45,7 @@ if __package__ in (None, ""):
 from dataset_conversion.common import (  # noqa: E402
     BadInputReport,
     chronological,
+    claim_dataset_dir,
     clean_field,
     conversion_is_current,
     default_data_dir,
@@ -62,6 +70,10 @@ TEXT_FIELDS = ("title", "brand", "price", "categories", "description")
 ITEM_FIELDS = [(name, "token_seq") for name in TEXT_FIELDS] + [("text", "token_seq"), ("image_url", "token")]
 CSV_2018_COLUMNS = ("item", "user", "rating", "timestamp")
 CSV_2014_COLUMNS = ("user", "item", "rating", "timestamp")
+SOURCE = "amazon"
+# Where the metadata keeps image URLs, best first: 2018 (imageURLHighRes, imageURL; image in other
+# categories), 2014 (imUrl).
+IMAGE_KEYS = ("imageURLHighRes", "imageURL", "image", "imUrl")
 _PRICE = re.compile(r"^\$?\s?\d[\d,]*(\.\d+)?(\s*-\s*\$?\s?\d[\d,]*(\.\d+)?)?$")
 
 
@@ -193,13 +205,13 @@ def normalise_meta(record):
     price = "" if price in (None, "") else clean_field(f"${price:.2f}" if isinstance(price, (int, float)) else price)
     if price and not _PRICE.match(price):
         price = ""  # 2018 price fields often hold scraped CSS/HTML instead of a price
-    image_url = ""
-    for key in ("imageURLHighRes", "imageURL", "imUrl"):
+    image_url, image_key = "", ""
+    for key in IMAGE_KEYS:
         value = record.get(key)
         if isinstance(value, (list, tuple)):
-            value = next((v for v in value if v), "")
-        if value:
-            image_url = clean_token(value)
+            value = next((v for v in value if isinstance(v, str) and v.strip()), "")
+        if isinstance(value, str) and value.strip():
+            image_url, image_key = clean_token(value), key
             break
     return {
         "title": clean_field(record.get("title")),
@@ -208,28 +220,47 @@ def normalise_meta(record):
         "categories": ", ".join(flat),
         "description": clean_field(record.get("description")),
         "image_url": image_url,
+        "image_key": image_key,
     }
 
 
 def read_meta(path, report, wanted):
     """Normalised metadata of the ASINs in ``wanted`` (a category's metadata file lists many items nobody
-    reviewed; normalising only the reviewed ones saves most of the time)."""
+    reviewed; normalising only the reviewed ones saves most of the time).
+
+    Returns (metas, counts): counts of rows, distinct ASINs, repeated-ASIN rows and, among those, rows
+    that differ from the ASIN's first row (the first is kept either way)."""
     metas = {}
-    seen = set()
+    first_row = {}
+    counts = {"meta_rows": 0, "meta_items": 0, "meta_repeated_rows": 0, "meta_repeated_rows_differing": 0}
     name = Path(path).name
     for line_number, record in parse_records(path, report, "meta"):
+        counts["meta_rows"] += 1
         asin = record.get("asin")
         if not asin:
             report.add("meta: no asin (skipped)", f"{name}:{line_number}")
             continue
         asin = clean_token(asin)
-        if asin in seen:
-            report.add("meta: duplicate asin (first record kept)", f"{name}:{line_number}")
+        fingerprint = json.dumps(record, sort_keys=True, default=str)
+        if asin in first_row:
+            counts["meta_repeated_rows"] += 1
+            differs = fingerprint != first_row[asin]
+            counts["meta_repeated_rows_differing"] += differs
+            report.add("meta: repeated asin row, differing (first row kept)" if differs
+                       else "meta: repeated asin row, identical (first row kept)", f"{name}:{line_number}")
             continue
-        seen.add(asin)
+        first_row[asin] = fingerprint
         if asin in wanted:
             metas[asin] = normalise_meta(record)
-    return metas, len(seen)
+    counts["meta_items"] = len(first_row)
+    return metas, counts
+
+
+def drop_variant_repeats(inter):
+    """Remove rows repeating an earlier row's (user, item, timestamp): the 2018 dumps list one review
+    once per product variant. Returns (frame, rows removed)."""
+    kept = inter.drop_duplicates(["user_id", "item_id", "timestamp"], keep="first")
+    return kept.reset_index(drop=True), len(inter) - len(kept)
 
 
 def convert(
@@ -244,30 +275,45 @@ def convert(
     keep_items_without_meta=False,
     force=False,
     csv_columns=CSV_2018_COLUMNS,
+    keep_variant_repeats=False,
 ):
-    """Run the conversion; returns (dataset_dir, stats). Skips the work when the manifest says it is done."""
+    """Run the conversion; returns (dataset_dir, stats). Skips the work when the manifest says it is done.
+
+    ``meta`` may be None (a review file without its metadata file): then every item lacks metadata, and
+    keep_items_without_meta=True is needed to keep any."""
     dataset_dir = Path(output_dir or default_data_dir()) / dataset
     text_template = TextTemplate(*template)
     is_csv = Path(reviews).name.endswith((".csv", ".csv.gz"))
     parameters = {
         "converter": "amazon",
         "reviews": file_stamp(reviews),
-        "meta": file_stamp(meta),
+        "meta": file_stamp(meta) if meta is not None else None,
         "user_k": user_k,
         "item_k": item_k,
         "dedup": dedup,
         "text_template": {"parts": text_template.parts, "separator": text_template.separator},
         "keep_items_without_meta": keep_items_without_meta,
         "csv_columns": list(csv_columns) if is_csv else None,
+        "keep_variant_repeats": keep_variant_repeats,
     }
+    claim_dataset_dir(dataset_dir, dataset, SOURCE, force)
     if not force and conversion_is_current(dataset_dir, dataset, parameters):
         log(f"{dataset}: outputs match the manifest, nothing to do (use --force to redo)")
         return dataset_dir, None
 
     report = BadInputReport()
     inter = read_ratings_csv(reviews, csv_columns, report) if is_csv else read_reviews(reviews, report)
-    metas, n_meta_items = read_meta(meta, report, set(inter["item_id"].unique()))
-    stats = {"raw_interactions": len(inter), "raw_meta_items": n_meta_items}
+    if meta is not None:
+        metas, meta_counts = read_meta(meta, report, set(inter["item_id"].unique()))
+    else:
+        metas, meta_counts = {}, {"meta_rows": 0, "meta_items": 0}
+    stats = {"raw_interactions": len(inter), "raw_meta_items": meta_counts["meta_items"], **meta_counts}
+    if not metas and not keep_items_without_meta:
+        raise ValueError(
+            f"{meta or 'no --meta'}: none of the {inter['item_id'].nunique()} reviewed items of {reviews} has metadata,"
+            " so every interaction would be dropped; pass the matching meta_<Category> file, or"
+            " --keep_items_without_meta to keep the items without text"
+        )
 
     has_meta = inter["item_id"].isin(metas.keys()).to_numpy()
     for item in inter.loc[~has_meta, "item_id"].unique():
@@ -275,11 +321,15 @@ def convert(
             "items without metadata (kept, empty text)" if keep_items_without_meta else "items without metadata (dropped)",
             item,
         )
+    stats["items_without_meta"] = int(inter.loc[~has_meta, "item_id"].nunique())
+    stats["interactions_without_meta"] = int((~has_meta).sum())
     if not keep_items_without_meta:
         inter = inter[has_meta]
-    stats["interactions_without_meta"] = int((~has_meta).sum())
 
     inter = chronological(inter)
+    stats["variant_repeats_removed"] = 0
+    if not keep_variant_repeats:
+        inter, stats["variant_repeats_removed"] = drop_variant_repeats(inter)
     if dedup:
         before = len(inter)
         inter = dedup_interactions(inter)
@@ -298,7 +348,7 @@ def convert(
         interactions=len(inter),
     )
 
-    empty = dict.fromkeys(TEXT_FIELDS, "") | {"image_url": ""}
+    empty = dict.fromkeys(TEXT_FIELDS, "") | {"image_url": "", "image_key": ""}
     item_rows = {}
     for token in sorted(inter["item_id"].unique()):
         fields = metas.get(token, empty)
@@ -310,6 +360,8 @@ def convert(
         item_rows[token] = {**{name: fields[name] for name in TEXT_FIELDS}, "text": text, "image_url": fields["image_url"]}
     items = pd.DataFrame.from_dict(item_rows, orient="index")
     stats["items_with_image_url"] = int((items["image_url"] != "").sum())
+    image_keys = [metas[token]["image_key"] for token in items.index if token in metas]
+    stats["image_url_keys"] = {key: image_keys.count(key) for key in IMAGE_KEYS if key in image_keys}
     stats["items_with_text"] = int((items["text"] != "").sum())
 
     write_atomic_dataset(dataset_dir, dataset, inter, items, ITEM_FIELDS, parameters, stats, report)
@@ -332,24 +384,28 @@ def main(argv=None):
                         help="reviews file (.json.gz/.json, 2018 or 2014) or ratings-only .csv/.csv.gz")
     parser.add_argument("--csv_layout", choices=["2018", "2014"], default="2018",
                         help="ratings-only csv column order: 2018 item,user,rating,time; 2014 user,item,rating,time")
-    parser.add_argument("--meta", required=True, help="metadata file meta_<Category>.json.gz")
+    parser.add_argument("--meta", default=None,
+                        help="metadata file meta_<Category>.json.gz (omit for reviews only: needs --keep_items_without_meta)")
     parser.add_argument("--dataset", required=True, help="dataset name, e.g. Office (files are <name>.inter, ...)")
     parser.add_argument("--output_dir", default=None, help="RecBole data_path to write into (default: $RECBOLE_MM_DATA, else ./dataset)")
     parser.add_argument("--k", type=int, default=None, help="k-core for both users and items (default 5)")
     parser.add_argument("--user_k", type=int, default=5)
     parser.add_argument("--item_k", type=int, default=5)
     parser.add_argument("--dedup", action="store_true", help="keep only the first interaction of each (user, item)")
+    parser.add_argument("--keep_variant_repeats", action="store_true",
+                        help="keep rows repeating an earlier (user, item, time) (default: dropped, counted)")
     parser.add_argument("--text_preset", choices=sorted(TEXT_PRESETS), default="fmrlrec")
     parser.add_argument("--text_template", nargs="+", help='custom parts, e.g. "Title: {title}" "Brand: {brand}"')
     parser.add_argument("--text_separator", default=None, help="separator between template parts")
     parser.add_argument("--keep_items_without_meta", action="store_true",
                         help="keep reviewed items that have no metadata (empty text, no image URL)")
-    parser.add_argument("--force", action="store_true", help="redo even when the manifest says outputs are current")
+    parser.add_argument("--force", action="store_true",
+                        help="redo even when current; replace a folder converted from another source")
     args = parser.parse_args(argv)
     user_k, item_k = (args.k, args.k) if args.k is not None else (args.user_k, args.item_k)
     convert(args.reviews, args.meta, args.dataset, args.output_dir, user_k, item_k, args.dedup,
             template_from_args(args), args.keep_items_without_meta, args.force,
-            CSV_2018_COLUMNS if args.csv_layout == "2018" else CSV_2014_COLUMNS)
+            CSV_2018_COLUMNS if args.csv_layout == "2018" else CSV_2014_COLUMNS, args.keep_variant_repeats)
 
 
 if __name__ == "__main__":

@@ -223,20 +223,51 @@ def conversion_is_current(dataset_dir, dataset, parameters):
     return bool(previous) and previous.get("parameters") == parameters and outputs_match(dataset_dir, previous["outputs"])
 
 
-def write_atomic_dataset(dataset_dir, dataset, inter, items, item_fields, parameters, stats, report):
+def claim_dataset_dir(dataset_dir, dataset, source, force=False):
+    """Refuse to overwrite a dataset folder converted from another source (e.g. a ReChorus ``Office``
+    folder with the Amazon 2018 files) unless ``force``; when forced, the other conversion's outputs
+    and features are removed first so no file of the old source survives next to the new ones.
+
+    ``source`` is the converter's name as recorded in the manifest (``conversion.parameters.converter``).
+    """
+    manifest = load_manifest(dataset_dir, dataset)
+    previous = (manifest.get("conversion") or {}).get("parameters", {}).get("converter")
+    if previous is None or previous == source:
+        return
+    if not force:
+        raise ValueError(
+            f"{manifest_path(dataset_dir, dataset)}: the folder holds dataset '{dataset}' converted by the"
+            f" '{previous}' converter; this is the '{source}' converter. Pick another --dataset name (or"
+            " --output_dir), or pass --force to replace the old conversion and its feature files."
+        )
+    entries = [manifest["conversion"]] + list(manifest.get("features", {}).values())
+    for entry in entries:
+        for name in entry.get("outputs", {}):
+            (Path(dataset_dir) / name).unlink(missing_ok=True)
+    manifest_path(dataset_dir, dataset).unlink()
+    log(f"{dataset}: removed the '{previous}' conversion (--force)")
+
+
+def write_atomic_dataset(dataset_dir, dataset, inter, items, item_fields, parameters, stats, report,
+                         with_rating=True, extra_outputs=()):
     """Write D.inter, D.item, D.item2index and the conversion part of the manifest.
 
-    inter: frame with user_id, item_id, rating, timestamp (already filtered and chronological).
+    inter: frame with user_id, item_id, rating, timestamp (already filtered and chronological);
+           with_rating=False writes no rating column (implicit feedback: nothing to invent).
+    extra_outputs: names of further files the converter already wrote into dataset_dir (hashed too).
     items: frame indexed by item token with the columns named in item_fields (name, atomic type);
            rows in item2index order. Features written later keep the encoders' entries only when the
            item2index they were computed for is unchanged (encode_features checks its sha256).
     """
     dataset_dir = Path(dataset_dir)
     dataset_dir.mkdir(parents=True, exist_ok=True)
+    columns = [inter["user_id"], inter["item_id"], inter["timestamp"].map(_format_number)]
+    if with_rating:
+        columns.insert(2, inter["rating"].map(_format_number))
     write_table(
         dataset_dir / f"{dataset}.inter",
-        INTER_HEADER,
-        zip(inter["user_id"], inter["item_id"], inter["rating"].map(_format_number), inter["timestamp"].map(_format_number)),
+        INTER_HEADER if with_rating else [field for field in INTER_HEADER if not field.startswith("rating")],
+        zip(*columns),
     )
     item_header = ["item_id:token"] + [f"{name}:{kind}" for name, kind in item_fields]
     write_table(
@@ -245,7 +276,7 @@ def write_atomic_dataset(dataset_dir, dataset, inter, items, item_fields, parame
         ([token] + [items.at[token, name] for name, _ in item_fields] for token in items.index),
     )
     write_text(dataset_dir / f"{dataset}.item2index", "".join(f"{token}\t{row}\n" for row, token in enumerate(items.index)))
-    outputs = [f"{dataset}.inter", f"{dataset}.item", f"{dataset}.item2index"]
+    outputs = [f"{dataset}.inter", f"{dataset}.item", f"{dataset}.item2index", *extra_outputs]
     manifest = load_manifest(dataset_dir, dataset)
     drop_stale_features(dataset_dir, manifest, sha256_file(dataset_dir / f"{dataset}.item2index"))
     manifest["conversion"] = {

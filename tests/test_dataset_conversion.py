@@ -218,7 +218,8 @@ def test_amazon_2018_conversion(tmp_path):
     assert bad["reviews: malformed line (skipped)"]["first"] == [f"Office_Products_5.json.gz:{n}" for n in malformed_lines[:5]]
     assert bad["reviews: no usable unixReviewTime/reviewTime (skipped)"]["first"] == [f"Office_Products_5.json.gz:{no_time_line}"]
     assert bad["reviews: no reviewerID/asin (skipped)"]["count"] == 1
-    assert bad["meta: duplicate asin (first record kept)"]["count"] == 1
+    assert bad["meta: repeated asin row, differing (first row kept)"]["count"] == 1
+    assert (stats["meta_repeated_rows"], stats["meta_repeated_rows_differing"]) == (1, 1)
     assert bad["meta: malformed line (skipped)"]["first"] == ["meta_Office_Products.json.gz:6"]
     assert bad["items without metadata (dropped)"] == {"count": 1, "first": [NO_META_ITEM]}
 
@@ -272,7 +273,9 @@ def test_amazon_2014_python_literal_meta_and_dedup(tmp_path):
     expected = sorted(naive_kcore(first_per_pair.values(), 5), key=lambda row: (row[0], row[3], row[4]))
     inter = read_inter(dataset_dir / "Office14.inter")
     assert list(zip(inter.user_id, inter.item_id, inter.timestamp.astype(float))) == [(u, i, float(t)) for u, i, _, t, _ in expected]
-    assert stats["duplicates_removed"] == len(indexed) - len(first_per_pair) >= 2
+    variant_repeats = len(indexed) - len({(u, i, t) for u, i, _, t, _ in indexed})
+    assert stats["variant_repeats_removed"] == variant_repeats >= 1  # rows[-2] repeats rows[0] exactly
+    assert stats["duplicates_removed"] == len(indexed) - variant_repeats - len(first_per_pair) >= 1
     assert len(expected) > 40
 
     items = read_item(dataset_dir / "Office14.item")
@@ -464,7 +467,7 @@ class MeanColourImageEncoder:
         return np.array([np.asarray(image, dtype=np.float32).mean((0, 1)) + 1 for image in images])
 
 
-def test_office_yaml_matches_the_converter_outputs(tmp_path, in_tmp_cwd):
+def test_office_products_yaml_matches_the_converter_outputs(tmp_path, in_tmp_cwd):
     from PIL import Image
 
     from dataset_conversion.encode_features import encode_image_modality, encode_text_modality
@@ -472,16 +475,16 @@ def test_office_yaml_matches_the_converter_outputs(tmp_path, in_tmp_cwd):
 
     write_amazon_2018(tmp_path)
     dataset_dir, _ = amazon.convert(tmp_path / "Office_Products_5.json.gz", tmp_path / "meta_Office_Products.json.gz",
-                                    "Office", tmp_path / "data")
-    encode_text_modality(dataset_dir, "Office", "text", "text", HashingTextEncoder(), show_progress=False)
+                                    "Office_Products", tmp_path / "data")
+    encode_text_modality(dataset_dir, "Office_Products", "text", "text", HashingTextEncoder(), show_progress=False)
     (tmp_path / "images").mkdir()
-    tokens = (dataset_dir / "Office.item2index").read_text().split()[::2]
+    tokens = (dataset_dir / "Office_Products.item2index").read_text().split()[::2]
     for n, token in enumerate(tokens[::2]):  # every other item has an image
         Image.new("RGB", (8, 8), (n * 20, 0, 0)).save(tmp_path / "images" / f"{token}.jpg")
-    _, image_present = encode_image_modality(dataset_dir, "Office", tmp_path / "images", MeanColourImageEncoder(),
+    _, image_present = encode_image_modality(dataset_dir, "Office_Products", tmp_path / "images", MeanColourImageEncoder(),
                                              show_progress=False)
 
-    config, (train_data, _, _), model, _ = build("MMSASRec", "Office", config_dict={
+    config, (train_data, _, _), model, _ = build("MMSASRec", "Office_Products", config_dict={
         "data_path": str(tmp_path / "data"), "show_progress": False, "hidden_size": 8, "inner_size": 16})
     assert config["modalities"] == ["text", "image"] and config["TIME_FIELD"] == "timestamp"
     item_tokens = train_data.dataset.field2id_token["item_id"]

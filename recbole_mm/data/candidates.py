@@ -193,9 +193,10 @@ class CandidateFile:
             raise RecboleMMError(f"candidate_file {self.path}: internal users {short[:self.MAX_NAMED]} ({len(short)} in this batch) "
                                  f"list fewer than num_candidates - 1 = {self.num_candidates - 1} items besides the "
                                  "target; lower num_candidates.")
-        if len({len(row) for row in rows}) > 1:
-            raise RecboleMMError(f"candidate_file {self.path}: lines list different numbers of items; set num_candidates "
-                                 "to use the same number of candidates for every sample.")
+        # num_candidates=None: every listed item, so sets may differ in size (ReChorus' negatives, drawn with
+        # replacement, are 91-99 distinct items); pad with the target, which leaves each set as it is.
+        width = max(len(row) for row in rows)
+        rows = [row + [row[label]] * (width - len(row)) for row, label in zip(rows, labels)]
         device = targets.device
         return torch.tensor(rows, dtype=torch.long, device=device), torch.tensor(labels, dtype=torch.long, device=device)
 

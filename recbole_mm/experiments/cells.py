@@ -14,7 +14,7 @@ from recbole_mm.experiments.measure import machine_description, measured_run, me
 # --config_files, overrides) and replace what a model's own yaml or a per-model file sets
 # (MMESID.yaml's Hit@5/10/20, for instance).
 EVALUATION_KEYS = ("eval_args", "metrics", "topk", "valid_metric", "valid_metric_bigger", "metric_decimal_place",
-                   "candidate_protocol", "num_candidates", "candidate_seed")
+                   "candidate_protocol", "num_candidates", "candidate_seed", "candidate_file")
 
 
 class _SharedLayersConfig(Config):
