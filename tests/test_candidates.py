@@ -142,3 +142,16 @@ def test_candidate_metrics_against_hand_count():
     assert ValidRatio(config).calculate_metric(data) == {"validratio": 0.6}
     assert HR(config).calculate_metric(data) == {"hr@1": round(2 / 3, 4)}
     assert VHR(config).calculate_metric(data) == {"vhr@1": 0.4}
+
+
+def test_hr_at_1_divides_by_the_valid_rows_even_when_one_or_none_is_valid():
+    config = {"metric_decimal_place": 4, "topk": [1]}
+    inf = float("-inf")
+    scores = torch.full((3, 4), inf)
+    scores[0, [1, 2]] = torch.tensor([2.0, 1.0])  # the one valid row, a hit
+    data = collect(scores, torch.tensor([1, 0, 0]))
+    assert HR(config).calculate_metric(data) == {"hr@1": 1.0}
+    assert ValidRatio(config).calculate_metric(data) == {"validratio": round(1 / 3, 4)}
+    assert VHR(config).calculate_metric(data) == {"vhr@1": round(1 / 3, 4)}
+    nothing_valid = collect(torch.full((2, 4), inf), torch.tensor([0, 1]))
+    assert HR(config).calculate_metric(nothing_valid) == {"hr@1": 0.0}

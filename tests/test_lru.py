@@ -112,3 +112,41 @@ def test_first_dims_equal_extracted_small_lru(n_kept):
     s = SIZES[n_kept - 1]
     x = torch.randn(2, 9, 16, dtype=torch.float64)
     torch.testing.assert_close(small(x[..., :s]), full(x)[..., :s], rtol=1e-12, atol=1e-12)
+
+
+def test_layer_output_equals_complex_recurrence_written_out():
+    """The whole layer against eq. 1 with explicit complex matrices, one time step at a time:
+    lambda_k = exp(-exp(nu_k) + i exp(theta_k)), gamma_k = exp(gamma_log_k),
+    h_t = lambda * h_{t-1} + gamma * (B x_t + b_B),  y_t = Re(C h_t) + b_C."""
+    lru = make_lru(seed=3)
+    with torch.no_grad():  # non-zero biases, so every term is checked
+        for proj in (lru.in_proj_real, lru.in_proj_imag, lru.out_proj_real):
+            for chunk in proj.chunks:
+                chunk.bias.normal_()
+    x = torch.randn(2, 6, 16, dtype=torch.float64)
+    B = torch.complex(lru.in_proj_real.masked_weight(), lru.in_proj_imag.masked_weight()).detach()
+    b_B = torch.complex(
+        torch.cat([c.bias for c in lru.in_proj_real.chunks]), torch.cat([c.bias for c in lru.in_proj_imag.chunks])
+    ).detach()
+    C = torch.complex(lru.out_proj_real.masked_weight(), lru.out_proj_imag.masked_weight()).detach()
+    b_C = torch.cat([c.bias for c in lru.out_proj_real.chunks]).detach()
+    nu, theta, gamma_log = (p.detach() for p in (lru.nu_log, lru.theta_log, lru.gamma_log))
+    lam = [complex(math.exp(-math.exp(n)) * math.cos(math.exp(a)), math.exp(-math.exp(n)) * math.sin(math.exp(a)))
+           for n, a in zip(nu.tolist(), theta.tolist())]
+    gamma = [math.exp(g) for g in gamma_log.tolist()]
+    expected = torch.zeros(2, 6, 16, dtype=torch.float64)
+    for b in range(2):
+        h = [0j] * 16
+        for t in range(6):
+            u = B @ x[b, t].to(torch.complex128) + b_B
+            h = [lam[k] * h[k] + gamma[k] * complex(u[k]) for k in range(16)]
+            y = (C @ torch.tensor(h, dtype=torch.complex128)).real + b_C
+            expected[b, t] = y
+    with torch.no_grad():
+        torch.testing.assert_close(lru(x), expected, rtol=1e-10, atol=1e-10)
+        lru.scan = "reference"
+        torch.testing.assert_close(lru(x), expected, rtol=1e-10, atol=1e-10)
+        state = None
+        for t in range(6):
+            y_t, state = lru.step(x[:, t], state)
+            torch.testing.assert_close(y_t, expected[:, t], rtol=1e-10, atol=1e-10)

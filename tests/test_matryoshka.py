@@ -55,11 +55,26 @@ def test_chunked_layer_equals_masked_dense_matrix(in_sizes, out_sizes):
 
 
 def test_gradients_reach_only_the_unmasked_block():
+    """A loss on output chunk j alone: the input gradient is zero beyond in_sizes[j], chunk j's weight
+    gradient is the unmasked block of the dense gradient dL/dW = g^T x, every other chunk gets zero."""
     torch.manual_seed(0)
-    layer = MatryoshkaLinear(SIZES, [2 * s for s in SIZES])
-    layer(torch.randn(4, 16)).pow(2).sum().backward()
-    for chunk in layer.chunks:
-        assert chunk.weight.grad.shape == chunk.weight.shape and chunk.weight.grad.abs().sum() > 0
+    out_sizes = [2 * s for s in SIZES]
+    layer = MatryoshkaLinear(SIZES, out_sizes).double()
+    bounds = list(zip([0] + out_sizes[:-1], out_sizes))
+    for j, (start, end) in enumerate(bounds):
+        layer.zero_grad(set_to_none=True)
+        x = torch.randn(4, 16, dtype=torch.float64, requires_grad=True)
+        upstream = torch.zeros(4, out_sizes[-1], dtype=torch.float64)
+        upstream[:, start:end] = torch.randn(4, end - start, dtype=torch.float64)
+        (layer(x) * upstream).sum().backward()
+        assert torch.count_nonzero(x.grad[:, SIZES[j]:]) == 0
+        assert x.grad[:, : SIZES[j]].abs().sum() > 0
+        dense_gradient = upstream.T @ x.detach()  # dL/dW for y = x W^T
+        for k, chunk in enumerate(layer.chunks):
+            expected = dense_gradient[bounds[k][0]:bounds[k][1], : SIZES[k]]
+            torch.testing.assert_close(chunk.weight.grad, expected, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(chunk.bias.grad, upstream[:, bounds[k][0]:bounds[k][1]].sum(0))
+            assert (chunk.weight.grad.abs().sum() > 0) == (k == j)
 
 
 def test_chunked_layer_stores_only_the_unmasked_block():

@@ -224,7 +224,9 @@ def test_transfer_drops_exactly_the_domain_specific_keys(scientific_dir, in_tmp_
     assert report["dropped_domain_specific"] == ["item_modality_bias.image", "item_modality_bias.text"]
     assert report["unexpected"] == sorted(k for k in source.state_dict() if k.startswith("layers.1."))
     assert report["missing"] == ["item_modality_bias.image", "item_modality_bias.text"]
-    assert not any(k.startswith("feature_") for k in source.state_dict())  # feature tables never stored
+    # feature tables never stored: the model holds them as buffers, the checkpoint does not
+    assert {"item_feature_text", "item_feature_image"} <= {name for name, _ in source.named_buffers()}
+    assert not any(k.startswith("item_feature_") for k in source.state_dict())
     source_state, target_state = source.state_dict(), target.state_dict()
     for key in target_state:
         if key.startswith("item_modality_bias."):
@@ -278,5 +280,5 @@ def test_cli_pretrain_on_two_datasets_then_fine_tune(scientific_dir, in_tmp_cwd,
     assert len(checkpoints) == 1
     state = torch.load(checkpoints[0], weights_only=True)["state_dict"]
     assert any(k.startswith("layers.1.") for k in state)  # pretrain_config: num_layers 2
-    assert not any(k.startswith(("item_modality_bias.", "feature_")) for k in state)
+    assert not any(k.startswith(("item_modality_bias.", "item_feature_")) for k in state)
     assert "[recbole-mm] model=MMM4Rec dataset=SciC" in capsys.readouterr().out

@@ -13,6 +13,7 @@ from recbole_mm.model.layers.ssd import (
     ssd_chunked,
     ssd_naive,
     ssd_quadratic,
+    CausalDepthwiseConv1d,
 )
 
 
@@ -179,3 +180,63 @@ def test_causal_conv1d_kernel_equals_torch_path():
     weight, bias = torch.randn(16, 4, device="cuda"), torch.randn(16, device="cuda")
     torch.testing.assert_close(causal_depthwise_conv1d(x, weight, bias, "silu", impl="causal_conv1d"),
                                causal_depthwise_conv1d(x, weight, bias, "silu", impl="torch"), rtol=1e-3, atol=1e-3)
+
+
+def test_gated_rmsnorm_eps_sits_inside_the_root_and_dtype_is_kept():
+    gen = torch.Generator().manual_seed(3)
+    y, z = torch.randn(4, 6, generator=gen, dtype=torch.float64), torch.randn(4, 6, generator=gen, dtype=torch.float64)
+    norm = GatedRMSNorm(6, eps=0.5).double()
+    gated = y * z * torch.sigmoid(z)
+    torch.testing.assert_close(norm(y, z), gated / (gated.pow(2).mean(-1, keepdim=True) + 0.5).sqrt())
+    assert torch.equal(GatedRMSNorm(6)(torch.zeros(4, 6), z.float()), torch.zeros(4, 6))  # eps keeps 0 finite
+    half = GatedRMSNorm(6)(y.bfloat16(), z.bfloat16())
+    assert half.dtype == torch.bfloat16
+
+
+def direct_causal_conv(x, weight, bias):
+    """out[:, c, t] = sum_j weight[c, j] x[:, c, t - (k - 1) + j] + bias[c], x before 0 read as 0."""
+    width = weight.shape[1]
+    out = torch.zeros_like(x)
+    for t in range(x.shape[2]):
+        for j in range(width):
+            if t - (width - 1) + j >= 0:
+                out[:, :, t] += weight[:, j] * x[:, :, t - (width - 1) + j]
+    return out if bias is None else out + bias[:, None]
+
+
+def test_causal_conv_without_activation_and_auto_on_cpu():
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 3, 7, generator=gen, dtype=torch.float64)
+    weight = torch.randn(3, 3, generator=gen, dtype=torch.float64)
+    expected = direct_causal_conv(x, weight, None)
+    torch.testing.assert_close(causal_depthwise_conv1d(x, weight), expected)
+    torch.testing.assert_close(causal_depthwise_conv1d(x, weight, None, "silu", impl="auto"), F.silu(expected))
+
+
+def test_causal_conv_rejects_unknown_options_and_the_kernel_on_cpu():
+    x, weight = torch.randn(1, 2, 5), torch.randn(2, 3)
+    with pytest.raises(ValueError, match="conv impl must be one of"):
+        causal_depthwise_conv1d(x, weight, impl="cudnn")
+    with pytest.raises(ValueError, match="activation must be None or 'silu'"):
+        causal_depthwise_conv1d(x, weight, activation="relu")
+    with pytest.raises(RuntimeError, match="causal-conv1d package"):
+        causal_depthwise_conv1d(x, weight, impl="causal_conv1d")
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_causal_conv_module_uses_conv1d_init_and_the_direct_sum(bias):
+    torch.manual_seed(5)
+    reference = torch.nn.Conv1d(4, 4, 3, groups=4, bias=bias)
+    torch.manual_seed(5)
+    module = CausalDepthwiseConv1d(4, 3, bias=bias)
+    assert module.impl == "auto" and module.activation == "silu"
+    torch.testing.assert_close(module.weight, reference.weight.squeeze(1))
+    assert (module.bias is None) == (not bias)
+    if bias:
+        torch.testing.assert_close(module.bias, reference.bias)
+    x = torch.randn(2, 4, 6)
+    with torch.no_grad():
+        expected = F.silu(direct_causal_conv(x, module.weight, module.bias))
+        torch.testing.assert_close(module(x), expected)
+        plain = CausalDepthwiseConv1d(4, 3, bias=bias, activation=None)
+        torch.testing.assert_close(plain(x), direct_causal_conv(x, plain.weight, plain.bias))

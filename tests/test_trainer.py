@@ -173,3 +173,46 @@ def test_candidate_protocol_for_any_model(slice_root):
     _, (_, _, test_again), _, trainer_again = build_slice(slice_root, model="SASRec", **overrides)
     trainer_again.model.load_state_dict(trainer.model.state_dict())
     assert trainer_again.evaluate(test_again, load_best_model=False) == first
+
+
+def record_optimizer_steps(trainer):
+    """The learning rate each optimizer step used, in order."""
+    used = []
+    trainer.optimizer.register_step_pre_hook(lambda optimizer, args, kwargs: used.append(optimizer.param_groups[0]["lr"]))
+    return used
+
+
+def test_trainer_builds_warmup_linear_schedule_over_accumulated_steps(slice_root):
+    """The trainer's own scheduler: 7 batches, accumulation 2 -> 4 optimizer steps an epoch (the
+    last one on a single batch), 2 epochs -> 8 steps; linear warm-up over 2 steps, then linear decay."""
+    _, train, _, trainer = deterministic_copy(
+        slice_root, lr_scheduler="warmup_linear", warmup_steps=2, epochs=2, gradient_accumulation_steps=2)
+    batches = [next(iter(train))] * 7
+    used = record_optimizer_steps(trainer)
+    assert trainer.scheduler is None
+    trainer._train_epoch(batches, 0)
+    assert len(used) == 4
+    trainer._train_epoch(batches, 1)
+    total, warmup, base = 8, 2, 0.1
+    expected = [base * (s + 1) / (warmup + 1) if s < warmup else base * (1 - (s - warmup) / (total - warmup))
+                for s in range(total)]
+    assert used == pytest.approx(expected)
+
+
+def test_clip_grad_norm_scales_the_whole_gradient(slice_root):
+    """One SGD step with clip_grad_norm: update = -lr * g * max_norm / ||g||_2 (the norm over all
+    trainable parameters together), with g computed here from the same batch."""
+    _, train, model, trainer = deterministic_copy(slice_root, clip_grad_norm={"max_norm": 0.05, "norm_type": 2})
+    batch = next(iter(train))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    model.train()
+    model.zero_grad()
+    model.calculate_loss(batch).backward()
+    gradients = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+    norm = math.sqrt(sum(float((g.double() ** 2).sum()) for g in gradients.values()))
+    assert norm > 0.05 * 10  # clipping really scales
+    model.zero_grad()
+    trainer._train_epoch([batch], 0)
+    for name, parameter in model.named_parameters():
+        expected = before[name] - 0.1 * gradients.get(name, torch.zeros_like(parameter)) * 0.05 / (norm + 1e-6)
+        torch.testing.assert_close(parameter.detach(), expected, rtol=1e-4, atol=1e-7, msg=name)
