@@ -38,6 +38,7 @@ from recbole.trainer.hyper_tuning import HyperTuning, _parameters  # hyperopt on
 from recbole_mm.experiments.hashing import config_hash, effective_config
 from recbole_mm.experiments.measure import measured_run
 from recbole_mm.utils import RecboleMMError
+from recbole_mm.utils.atomic import write_text_atomic
 
 ALGORITHMS = ("exhaustive", "random", "bayes")
 
@@ -72,10 +73,8 @@ class TrialStore:
     def add(self, record):
         key = record["params_key"]
         self.trials = [t for t in self.trials if t["params_key"] != key] + [record]
-        partial = self.path.with_suffix(".json.partial")
-        partial.write_text(json.dumps({"setup": self.setup, "trials": self.trials}, indent=1, default=str),
-                           encoding="utf-8")
-        os.replace(partial, self.path)  # atomic: an interrupted run never leaves half a file
+        # an interrupted run never leaves half a file
+        write_text_atomic(self.path, json.dumps({"setup": self.setup, "trials": self.trials}, indent=1, default=str))
 
 
 def recbole_mm_objective(model, dataset, store, cmd_args=()):
@@ -208,7 +207,7 @@ def tune(model, dataset, params_file, algo="exhaustive", max_evals=100, early_st
                "best_valid_result": best["best_valid_result"], "test_result": best["test_result"],
                "trials": len(tuning.results), "failed": sum(r["status"] != "ok" for r in tuning.results),
                "read_from_trials_json": sum(r["reused"] for r in tuning.results), "setup": setup}
-    (output / "best.json").write_text(json.dumps(summary, indent=1, default=str), encoding="utf-8")
+    write_text_atomic(output / "best.json", json.dumps(summary, indent=1, default=str))
     log(f"best {tuning.best_params}: valid {best['best_valid_score']:.4f}, test {best['test_result']}; "
         f"wrote {store.path} and {output / 'best.json'}")
     return summary
@@ -287,12 +286,12 @@ def run_with_ray(model, dataset, params_file, algo="exhaustive", max_evals=100, 
     grid = tuner.fit()
     trials = [{"params": r.config, "status": "failed" if r.error else "ok",
                "error": str(r.error) if r.error else None, "metrics": r.metrics} for r in grid]
-    (output / "trials.json").write_text(json.dumps({"setup": {"model": model, "dataset": dataset, "algo": algo,
-                                                              "ray": True}, "trials": trials}, indent=1, default=str))
+    write_text_atomic(output / "trials.json", json.dumps({"setup": {"model": model, "dataset": dataset, "algo": algo,
+                                                                  "ray": True}, "trials": trials}, indent=1, default=str))
     best = grid.get_best_result(metric="valid_score", mode=mode)
     summary = {"best_params": best.config, "best_valid_score": best.metrics["valid_score"],
                "metrics": best.metrics, "trials": len(trials), "failed": sum(t["status"] != "ok" for t in trials)}
-    (output / "best.json").write_text(json.dumps(summary, indent=1, default=str), encoding="utf-8")
+    write_text_atomic(output / "best.json", json.dumps(summary, indent=1, default=str))
     log(f"best {best.config}: valid {best.metrics['valid_score']:.4f}; wrote {output / 'trials.json'} and best.json")
     return summary
 

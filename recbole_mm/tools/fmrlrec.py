@@ -30,6 +30,7 @@ from recbole_mm.model.fmrlrec import FMRLRec, extract_submodel, resolve_mrl_size
 from recbole_mm.model.layers.matryoshka import MatryoshkaLinear
 from recbole_mm.data.utils import create_dataset
 from recbole_mm.utils import RecboleMMError, get_trainer
+from recbole_mm.utils.atomic import write_text_atomic
 
 # Keys RecBole derives from others while building a Config; passing them back in would fight it.
 DERIVED_CONFIG_KEYS = {
@@ -192,7 +193,7 @@ def save_submodel(checkpoint_path: str, size: int, output_path: str, cmd_args: S
     # the model's own keys, plus the modalities (a dataset-level default the run may have overridden)
     model_keys = ["modalities", *yaml.safe_load((PROPERTIES_DIR / "model" / "FMRLRec.yaml").read_text())]
     settings = {key: plain_config(small_config)[key] for key in dict.fromkeys(model_keys)}
-    Path(output_path).with_suffix(".yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
+    write_text_atomic(Path(output_path).with_suffix(".yaml"), yaml.safe_dump(settings, sort_keys=False))
     return small
 
 

@@ -13,6 +13,7 @@ from tqdm import tqdm
 from recbole_mm.compat import load_checkpoint, plain_config
 from recbole_mm.trainer.distributed import DistributedTrainingMixin
 from recbole_mm.utils import RecboleMMError
+from recbole_mm.utils.atomic import torch_save_atomic
 
 
 class SafeCheckpointMixin:
@@ -31,7 +32,7 @@ class SafeCheckpointMixin:
             "other_parameter": self.model.other_parameter(),
             "optimizer": self.optimizer.state_dict(),
         }
-        torch.save(state, saved_model_file)
+        torch_save_atomic(state, saved_model_file)
         if verbose:
             self.logger.info(set_color("Saving current", "blue") + f": {saved_model_file}")
 
