@@ -164,6 +164,9 @@ def config_from_checkpoint(saved: dict, cmd_args: Sequence[str] = ()):
         key: value for key, value in saved.items()
         if key not in DERIVED_CONFIG_KEYS and defaults.get(key) != value
     }
+    if "data_path" in run_settings:  # stored joined with the dataset name, which Config appends again
+        stored = Path(run_settings["data_path"])
+        run_settings["data_path"] = str(stored.parent if stored.name == dataset else stored)
     return Config(model=model, dataset=dataset, config_dict=run_settings, cmd_args=cmd_args)
 
 
