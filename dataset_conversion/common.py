@@ -287,3 +287,23 @@ def read_item_table(dataset_dir, dataset):
 
 def log(message):
     print(message, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+def run_converter(main, argv=None):
+    """Run a converter's ``main``: bad input (a missing, unreadable or malformed file, a value that
+    cannot work) ends in one paragraph on stderr and exit status 2, never a traceback."""
+    program = Path(sys.argv[0]).name
+    try:
+        main(argv)
+    except (ValueError, OSError, ImportError, EOFError) as error:  # converters raise these with the input and fix
+        message = " ".join(str(error).split())
+        if isinstance(error, FileNotFoundError) and error.filename:
+            message = f"{error.filename} not found ({error.strerror}): check the path."
+        elif isinstance(error, OSError) and error.filename:
+            message = f"{error.filename}: {error.strerror or message}."
+        print(f"{program}: error: {message}", file=sys.stderr)
+        return 2
+    return 0

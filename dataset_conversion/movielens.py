@@ -26,11 +26,12 @@ from dataset_conversion.common import (  # noqa: E402
     chronological,
     clean_field,
     conversion_is_current,
-    default_data_dir,
     dedup_interactions,
+    default_data_dir,
     file_stamp,
     kcore_filter,
     log,
+    run_converter,
     write_atomic_dataset,
     write_text_atomic,
 )
@@ -262,4 +263,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_converter(main))

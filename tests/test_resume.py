@@ -20,7 +20,7 @@ CLI = str(PROJECT_ROOT / "run_recbole_mm.py")
 
 SPEEDER = dict(
     llm_hidden_size=16, llm_num_layers=1, llm_num_heads=2, mome_hidden_size=8, mome_inner_size=16,
-    mome_dropout=0.1, train_batch_size=64, eval_batch_size=128, id_features="none",
+    mome_dropout=0.1, train_batch_size=16, eval_batch_size=128, id_features="none",
     stage_modalities=[["text"], ["text", "image"]], stage_epochs=[1, 2], warmup_steps=2, ppt_rate=0.3,
 )
 RUNS = {
@@ -42,7 +42,7 @@ def cli(*args, cwd):
 @pytest.mark.parametrize("model", ["MMSASRec", "Speeder"])
 def test_three_epochs_straight_equal_one_epoch_kill_resume(model, scientific_dir, tmp_path):
     write_scientific_slice(scientific_dir, tmp_path / "data", n_users=60)
-    config = scientific_slice_config(tmp_path / "data", epochs=3, train_batch_size=32, **RUNS[model])
+    config = scientific_slice_config(tmp_path / "data", **{"epochs": 3, "train_batch_size": 32, **RUNS[model]})
     config_file = tmp_path / "run.yaml"
     config_file.write_text(yaml.safe_dump(config))
     common = [f"--model={model}", "--dataset=SciSlice", f"--config_files={config_file}"]
