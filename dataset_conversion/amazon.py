@@ -48,11 +48,12 @@ from dataset_conversion.common import (  # noqa: E402
     claim_dataset_dir,
     clean_field,
     conversion_is_current,
-    default_data_dir,
     dedup_interactions,
+    default_data_dir,
     file_stamp,
     kcore_filter,
     log,
+    run_converter,
     write_atomic_dataset,
 )
 
@@ -409,4 +410,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_converter(main))

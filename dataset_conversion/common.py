@@ -9,7 +9,6 @@ Output contract (read by recbole_mm.data's feature hook), for a dataset ``D`` in
     D.manifest.json conversion parameters/counts/bad-input summary and one entry per encoded modality,
                    with the sha256 of every output file
 """
-import contextlib
 import hashlib
 import html
 import json
@@ -21,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from recbole_mm.utils.atomic import atomic_path, write_text_atomic
 
 MANIFEST_VERSION = 1
 
@@ -139,31 +140,10 @@ class BadInputReport:
 # --------------------------------------------------------------------------------------------------
 # Files: atomic writes, hashes, manifest
 # --------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def atomic_path(path):
-    """Yield a temporary path next to ``path``; renamed onto ``path`` only if the block succeeds.
-
-    An interrupted run therefore never leaves a half-written file under the final name.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def save_npy(path, array):
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as handle:
             np.save(handle, array)
-
-
-def write_text(path, text):
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text(text, encoding="utf-8")
 
 
 def write_table(path, header, rows):
@@ -201,7 +181,7 @@ def load_manifest(dataset_dir, dataset):
 
 
 def save_manifest(dataset_dir, dataset, manifest):
-    write_text(manifest_path(dataset_dir, dataset), json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(manifest_path(dataset_dir, dataset), json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
 def outputs_match(dataset_dir, hashes):
@@ -275,7 +255,7 @@ def write_atomic_dataset(dataset_dir, dataset, inter, items, item_fields, parame
         item_header,
         ([token] + [items.at[token, name] for name, _ in item_fields] for token in items.index),
     )
-    write_text(dataset_dir / f"{dataset}.item2index", "".join(f"{token}\t{row}\n" for row, token in enumerate(items.index)))
+    write_text_atomic(dataset_dir / f"{dataset}.item2index", "".join(f"{token}\t{row}\n" for row, token in enumerate(items.index)))
     outputs = [f"{dataset}.inter", f"{dataset}.item", f"{dataset}.item2index", *extra_outputs]
     manifest = load_manifest(dataset_dir, dataset)
     drop_stale_features(dataset_dir, manifest, sha256_file(dataset_dir / f"{dataset}.item2index"))
@@ -338,3 +318,23 @@ def read_item_table(dataset_dir, dataset):
 
 def log(message):
     print(message, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+def run_converter(main, argv=None):
+    """Run a converter's ``main``: bad input (a missing, unreadable or malformed file, a value that
+    cannot work) ends in one paragraph on stderr and exit status 2, never a traceback."""
+    program = Path(sys.argv[0]).name
+    try:
+        main(argv)
+    except (ValueError, OSError, ImportError, EOFError) as error:  # converters raise these with the input and fix
+        message = " ".join(str(error).split())
+        if isinstance(error, FileNotFoundError) and error.filename:
+            message = f"{error.filename} not found ({error.strerror}): check the path."
+        elif isinstance(error, OSError) and error.filename:
+            message = f"{error.filename}: {error.strerror or message}."
+        print(f"{program}: error: {message}", file=sys.stderr)
+        return 2
+    return 0

@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dataset_conversion.common import log, read_item2index, read_item_table, write_table  # noqa: E402
+from dataset_conversion.common import log, read_item2index, read_item_table, run_converter, write_table  # noqa: E402
 
 USER_AGENT = "recbole-mm-image-downloader/0.1"
 RETRYABLE_HTTP = {408, 429}
@@ -142,4 +142,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_converter(main))

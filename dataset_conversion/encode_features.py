@@ -35,6 +35,7 @@ from dataset_conversion.common import (  # noqa: E402
     outputs_match,
     read_item2index,
     read_item_table,
+    run_converter,
     save_manifest,
     save_npy,
     sha256_file,
@@ -409,4 +410,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_converter(main))

@@ -23,16 +23,17 @@ if __package__ in (None, ""):
 
 from dataset_conversion.common import (  # noqa: E402
     BadInputReport,
-    atomic_path,
     chronological,
     clean_field,
     conversion_is_current,
-    default_data_dir,
     dedup_interactions,
+    default_data_dir,
     file_stamp,
     kcore_filter,
     log,
+    run_converter,
     write_atomic_dataset,
+    write_text_atomic,
 )
 
 ITEM_FIELDS = [("title", "token_seq"), ("genre", "token_seq")]
@@ -209,8 +210,7 @@ def write_dataset_yaml(dataset_dir, dataset, packaged_name):
     packaged = PROPERTIES_DIR / "dataset" / f"{packaged_name}.yaml"
     text = packaged.read_text(encoding="utf-8").replace(f"{packaged_name}.", f"{dataset}.")
     path = Path(dataset_dir) / f"{dataset}.yaml"
-    with atomic_path(path) as partial:
-        partial.write_text(text, encoding="utf-8")
+    write_text_atomic(path, text)
     return path
 
 
@@ -263,4 +263,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_converter(main))

@@ -33,10 +33,11 @@ from dataset_conversion.common import (  # noqa: E402
     hash_outputs,
     load_manifest,
     log,
+    run_converter,
     save_manifest,
     sha256_file,
     write_table,
-    write_text,
+    write_text_atomic,
 )
 
 CARRIED_SUFFIXES = ("train.inter", "valid.inter", "test.inter", "inter", "user2index", "text")
@@ -129,8 +130,8 @@ def convert(source, output_dir=None, dataset=None, copy=False, force=False):
             report.add("items without text (empty text field)", asin)
     write_table(dataset_dir / f"{dataset}.item", ["item_id:token", "asin:token", "text:token_seq"],
                 ((row, asin, texts.get(asin, "")) for asin, row in by_row))
-    write_text(dataset_dir / f"{dataset}.asin2index", "".join(f"{asin}\t{row}\n" for asin, row in by_row))
-    write_text(dataset_dir / f"{dataset}.item2index", "".join(f"{row}\t{row}\n" for _, row in by_row))
+    write_text_atomic(dataset_dir / f"{dataset}.asin2index", "".join(f"{asin}\t{row}\n" for asin, row in by_row))
+    write_text_atomic(dataset_dir / f"{dataset}.item2index", "".join(f"{row}\t{row}\n" for _, row in by_row))
 
     outputs = [f"{dataset}.{name}" for name in ("item", "asin2index", "item2index")] + [f"{dataset}.{s}" for s in carried]
     manifest = load_manifest(dataset_dir, dataset)
@@ -157,4 +158,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_converter(main))

@@ -85,3 +85,105 @@ def test_lookup_prefers_recbole_mm_then_recbole():
     with pytest.raises(RecboleMMError) as error:
         get_model("SASrec")
     assert "MMSASRec" in str(error.value) and "SASRec" in str(error.value) and "BERT4Rec" in str(error.value)
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation: unknown keys and values of the wrong type are errors, before anything runs
+# ------------------------------------------------------------------------------------------------
+def config_error(model="MMSASRec", **kwargs):
+    with pytest.raises(RecboleMMError) as error:
+        Config(model, "Scientific", **kwargs)
+    return str(error.value)
+
+
+def test_misspelt_key_on_the_command_line_names_it_and_the_fix():
+    message = config_error(cmd_args=["--hiden_size=128"])
+    assert "--hiden_size on the command line" in message and "did you mean hidden_size" in message
+    assert "extra_config_keys" in message
+
+
+def test_misspelt_key_in_a_config_file_and_in_config_dict(tmp_path):
+    user_file = tmp_path / "mine.yaml"
+    user_file.write_text("learning_rate: 0.01\nlearnig_rate: 0.01\n")
+    message = config_error(config_file_list=[str(user_file)])
+    assert f"learnig_rate in config file {user_file}" in message and "did you mean learning_rate" in message
+    message = config_error(config_dict={"n_layer": 2})
+    assert "n_layer in config_dict" in message and "n_layers" in message
+
+
+def test_keys_known_from_every_source_are_accepted():
+    Config("MMSASRec", "Scientific", cmd_args=[
+        "--hidden_size=16",            # the model's yaml
+        "--feature_tables={}",         # recbole-mm's overall.yaml
+        "--lr_scheduler=warmup_cosine",
+        "--stopping_step=3",           # RecBole's overall.yaml
+        "--nproc=1",                   # RecBole reads it in code (DDP), no yaml default
+        "--resume=~",                  # recbole-mm reads it in code
+        "--alias_of_item_id=[item_id_list]",  # a dataset key
+    ])
+    Config("BPR", "Scientific", cmd_args=["--embedding_size=8"])  # RecBole's BPR.yaml
+    # another model's key (a config file shared by several models): accepted, and named in a warning
+    assert Config("BPR", "Scientific", cmd_args=["--hidden_size=8"]).keys_for_other_models() == ["hidden_size"]
+    assert Config("SASRec", "Scientific", cmd_args=["--hidden_size=8"]).keys_for_other_models() == []
+
+
+def test_a_model_declares_keys_it_reads():
+    from recbole_mm.model.mmsasrec import MMSASRec
+
+    class WithOwnKey(MMSASRec):
+        CONFIG_KEYS = ("my_temperature",)
+
+    assert Config(WithOwnKey, "Scientific", config_dict={"my_temperature": 2.0})["my_temperature"] == 2.0
+    assert "my_temperature" in config_error(config_dict={"my_temperature": 2.0})
+
+
+def test_extra_config_keys_lets_deliberate_keys_through(tmp_path):
+    config = Config("MMSASRec", "Scientific", config_dict={"extra_config_keys": ["note"], "note": "run A"})
+    assert config["note"] == "run A"
+    config = Config("MMSASRec", "Scientific", cmd_args=["--extra_config_keys=[note,tag]", "--note=x", "--tag=3"])
+    assert config["note"] == "x" and config["tag"] == 3
+    assert "tag" in config_error(cmd_args=["--extra_config_keys=[note]", "--note=x", "--tag=3"])
+
+
+@pytest.mark.parametrize("argument, expected", [
+    ("--learning_rate=abc", "learning_rate takes a number"),
+    ("--epochs=1.5", "epochs takes an integer"),
+    ("--reproducibility=maybe", "reproducibility takes a boolean"),
+    ("--modalities=text", "modalities takes a list"),
+    ("--eval_args=[1,2]", "eval_args takes a mapping"),
+    ("--valid_metric=5", "valid_metric takes a string"),
+    ("--stopping_step=True", "stopping_step takes an integer"),
+])
+def test_value_of_the_wrong_type_names_key_value_and_type(argument, expected):
+    message = config_error(cmd_args=[argument])
+    key, value = argument[2:].split("=")
+    assert f"--{key} on the command line is" in message and expected in message and "default" in message
+
+
+def test_values_of_the_right_type_pass():
+    config = Config("MMSASRec", "Scientific", cmd_args=[
+        "--learning_rate=1",             # an integer where a number is expected
+        "--hidden_dropout_prob=0",
+        "--clip_grad_norm={max_norm: 5}",  # null default: anything
+        "--lr_scheduler=~",              # null value: always accepted
+        "--topk=10", "--metrics=Recall",  # shapes RecBole itself accepts
+        "--gpu_id=0",
+    ])
+    assert config["learning_rate"] == 1 and config["clip_grad_norm"] == {"max_norm": 5}
+
+
+def test_type_errors_in_files_name_the_file(tmp_path):
+    user_file = tmp_path / "mine.yaml"
+    user_file.write_text("train_batch_size: '256'\n")
+    message = config_error(config_file_list=[str(user_file)])
+    assert f"train_batch_size in config file {user_file} is '256'" in message and "an integer" in message
+
+
+def test_broken_config_files_are_clean_errors(tmp_path):
+    assert "not found" in config_error(config_file_list=[str(tmp_path / "missing.yaml")])
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("a: [1, 2\n")
+    assert "not valid YAML" in config_error(config_file_list=[str(broken)])
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- a\n- b\n")
+    assert "key: value" in config_error(config_file_list=[str(listing)])

@@ -9,7 +9,6 @@ import pickle
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from dataset_conversion import llara, llmrank
 from dataset_conversion.common import load_manifest

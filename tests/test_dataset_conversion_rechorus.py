@@ -6,7 +6,7 @@ brute force from the model's full-catalogue scores and the raw test.csv negative
 """
 import ast
 import math
-from collections import Counter, defaultdict
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np

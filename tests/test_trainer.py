@@ -8,6 +8,7 @@ from recbole.trainer import Trainer
 from recbole_mm.model.mmsasrec import MMSASRec
 from recbole_mm.quick_start import build
 from recbole_mm.trainer import MMTrainer, TrainingStage
+from recbole_mm.trainer.trainer import resume_file_for
 from recbole_mm.utils import RecboleMMError
 from tests.conftest import scientific_slice_config, write_scientific_slice
 
@@ -63,6 +64,23 @@ def test_checkpoint_from_another_model_is_refused(slice_root):
 
 
 def test_resume_continues_from_the_saved_epoch(slice_root):
+    """Resuming from the -last.pth resume point gives the uninterrupted run's epoch exactly: same
+    loss, same weights (dropout on and shuffled batches, so every random state matters)."""
+    settings = dict(epochs=2, hidden_dropout_prob=0.3, lr_scheduler="warmup_linear", warmup_steps=1)
+    _, (train, valid, _), model, trainer = build_slice(slice_root, **settings)
+    trainer.fit(train, valid, saved=True, show_progress=False)
+    straight = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    _, (train, valid, _), resumed_model, resumed = build_slice(slice_root, **settings)
+    resumed.resume_checkpoint(resume_file_for(trainer.saved_model_file))
+    assert resumed.start_epoch == 1
+    resumed.fit(train, valid, saved=True, show_progress=False)
+    assert list(resumed.train_loss_dict) == [1]
+    assert resumed.train_loss_dict[1] == trainer.train_loss_dict[1]
+    for name, tensor in straight.items():
+        assert torch.equal(resumed_model.state_dict()[name], tensor), name
+
+
+def test_resume_from_a_best_epoch_checkpoint_continues_after_it(slice_root):
     _, (train, valid, _), _, trainer = build_slice(slice_root)
     trainer.fit(train, valid, saved=True, show_progress=False)
     _, (train, valid, _), _, resumed = build_slice(slice_root, epochs=2)

@@ -8,21 +8,28 @@ Precedence, lowest first: RecBole's defaults < ``properties/overall.yaml`` <
 Where datasets are read (and converters write), highest first: ``data_path`` given by the user
 (command line, config files, config_dict) > ``$RECBOLE_MM_DATA`` > ``./dataset`` (RecBole's default).
 """
+import difflib
 import os
 from pathlib import Path
 
 import yaml
 
 from recbole.config import Config as RecBoleConfig
+from recbole.utils import ModelType
 
 from recbole_mm import compat  # noqa: F401  (warning filters before RecBole loads data)
 from recbole_mm import evaluator  # noqa: F401  (registers HR / ValidRatio / VHR before metric names are checked)
+from recbole_mm.config.keys import (EXTRA_KEYS_KEY, describe_types, expected_types, known_keys, other_models_keys,
+                                    type_matches)
 from recbole_mm.utils import RecboleMMError, get_model
 from recbole_mm.utils.distributed import init_distributed_device
 
 # Package data: the same files as the project's top-level properties/ (a link to this folder).
 PROPERTIES_DIR = Path(__file__).resolve().parent.parent / "properties"
 DATA_ENV_VAR = "RECBOLE_MM_DATA"
+# RecBole's overall.yaml default, which its context-aware quick-start yaml switches off
+CONTEXT_NEGATIVE_SAMPLING = {"distribution": "uniform", "sample_num": 1, "alpha": 1.0, "dynamic": False,
+                             "candidate_num": 0}
 
 
 def default_data_path():
@@ -44,11 +51,46 @@ def recipe_file(model, recipe):
 class Config(RecBoleConfig):
     """``cmd_args``: the ``--key=value`` strings of a command line. Unlike RecBole, ``sys.argv`` is
     never read implicitly, so a library call (a test run by pytest, a notebook) cannot pick up
-    unrelated command-line flags as configuration."""
+    unrelated command-line flags as configuration.
+
+    Every key given by the user (config files, ``config_dict``, command line) must be known
+    (``recbole_mm.config.keys``) and its value must have its default's type; a deliberate extra key
+    is listed in ``extra_config_keys``. Anything else is a ``RecboleMMError`` naming the key, where it
+    came from and the closest known names, before anything runs.
+    """
 
     def __init__(self, model=None, dataset=None, config_file_list=None, config_dict=None, cmd_args=()):
         self._cmd_args = list(cmd_args)
+        self._key_sources = {}  # key -> where the user gave it, lowest precedence first
         super().__init__(model, dataset, config_file_list, config_dict)
+
+    def _note_sources(self, keys, source):
+        for key in keys:
+            self._key_sources.setdefault(key, []).append(source)
+
+    def _load_config_files(self, file_list):
+        file_config_dict = {}
+        for file in file_list or []:
+            try:
+                with open(file, "r", encoding="utf-8") as handle:
+                    content = yaml.load(handle.read(), Loader=self.yaml_loader)
+            except FileNotFoundError:
+                raise RecboleMMError(f"Config file {file} (--config_files) not found: check the path "
+                                     "(relative paths are read from the working directory).") from None
+            except (yaml.YAMLError, UnicodeDecodeError) as error:
+                reason = " ".join(str(error).split())
+                raise RecboleMMError(f"Config file {file} is not valid YAML ({reason}). Fix the file.") from None
+            if content is None:
+                continue
+            if not isinstance(content, dict):
+                raise RecboleMMError(f"Config file {file} holds a {type(content).__name__}, not 'key: value' lines.")
+            self._note_sources(content, f"config file {file}")
+            file_config_dict.update(content)
+        return file_config_dict
+
+    def _load_variable_config_dict(self, config_dict):
+        self._note_sources(config_dict or {}, "config_dict")
+        return super()._load_variable_config_dict(config_dict)
 
     def _load_cmd_line(self):
         cmd_config_dict = {}
@@ -59,11 +101,16 @@ class Config(RecBoleConfig):
             if key in cmd_config_dict and cmd_config_dict[key] != value:
                 raise RecboleMMError(f"--{key} is given twice with different values.")
             cmd_config_dict[key] = value
+        self._note_sources(cmd_config_dict, "the command line")
         cmd_config_dict = self._convert_config_dict(cmd_config_dict)
         for key, value in cmd_config_dict.items():
             if isinstance(value, str) and value[:1] in "[{":
                 # RecBole eval()s values, so --modalities=[text,image] stays a string; read it as YAML
-                cmd_config_dict[key] = yaml.load(value, Loader=self.yaml_loader)
+                try:
+                    cmd_config_dict[key] = yaml.load(value, Loader=self.yaml_loader)
+                except yaml.YAMLError:
+                    raise RecboleMMError(f"--{key}={value}: not a valid list or mapping; write e.g. "
+                                         f"--{key}=[a,b] or --{key}={{k: v}} (quoted in the shell).") from None
         return cmd_config_dict
 
     def _get_model_and_dataset(self, model, dataset):
@@ -90,6 +137,74 @@ class Config(RecBoleConfig):
         recipe = self.external_config_dict.get("recipe")
         if recipe:
             self._update_internal_config_dict(str(recipe_file(model, recipe)))
+
+    def _get_final_config_dict(self):
+        self._check_user_keys()
+        final_config_dict = super()._get_final_config_dict()
+        if (final_config_dict["MODEL_TYPE"] == ModelType.SEQUENTIAL and final_config_dict.get("loss_type") == "CE"
+                and "train_neg_sample_args" not in self.external_config_dict):
+            final_config_dict["train_neg_sample_args"] = None  # full softmax: a sampled negative is never used
+        if final_config_dict["MODEL_TYPE"] == ModelType.CONTEXT and "train_neg_sample_args" not in self.external_config_dict:
+            # RecBole's context-aware defaults read labels from explicit ratings; here every model ranks
+            # all items on implicit data, so the 0/1 labels come from one sampled negative per positive
+            final_config_dict["train_neg_sample_args"] = dict(CONTEXT_NEGATIVE_SAMPLING)
+        return final_config_dict
+
+    def _where(self, key):
+        source = self._key_sources.get(key, ["config"])[-1]
+        return f"--{key} on the command line" if source == "the command line" else f"{key} in {source}"
+
+    def declared_extra_keys(self):
+        extra = self.external_config_dict.get(EXTRA_KEYS_KEY) or []
+        return [extra] if isinstance(extra, str) else list(extra)
+
+    def unknown_keys(self):
+        """The user's keys that no model or component reads and ``extra_config_keys`` does not declare."""
+        known = self._run_keys() | other_models_keys(str(PROPERTIES_DIR))
+        extra = self.declared_extra_keys()
+        return sorted(key for key in self.external_config_dict if key not in known and key not in extra)
+
+    def keys_for_other_models(self):
+        """The user's keys that only other models read (e.g. from a config file shared by several):
+        accepted; ``quick_start.build`` logs a warning naming them."""
+        run_keys, extra = self._run_keys(), self.declared_extra_keys()
+        return sorted(key for key in self.external_config_dict
+                      if key not in run_keys and key not in extra and key in other_models_keys(str(PROPERTIES_DIR)))
+
+    def _run_keys(self):
+        return known_keys(self.model, self.model_class, PROPERTIES_DIR) | set(self.internal_config_dict)
+
+    def _check_user_keys(self):
+        """Unknown keys and values of the wrong type are errors (RecBole accepts both silently)."""
+        self._check_known()
+        self._check_types()
+
+    def _check_known(self):
+        unknown = self.unknown_keys()
+        if not unknown:
+            return
+        known = self._run_keys() | other_models_keys(str(PROPERTIES_DIR))
+        described = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, sorted(known), n=3, cutoff=0.7)
+            described.append(self._where(key) + (f" (did you mean {' or '.join(close)}?)" if close else ""))
+        them = "them" if len(unknown) > 1 else "it"
+        raise RecboleMMError(
+            f"Unknown configuration key{'s' if len(unknown) > 1 else ''} for {self.model}: {'; '.join(described)}. "
+            f"No RecBole or recbole-mm model or component reads {them}, so the run would silently ignore {them}. Fix the "
+            f"spelling; a key your own code reads is declared with {EXTRA_KEYS_KEY}: [{', '.join(unknown)}] "
+            f"(config file) or --{EXTRA_KEYS_KEY}=[{','.join(unknown)}]."
+        )
+
+    def _check_types(self):
+        for key, value in self.external_config_dict.items():  # keys without a default (extra keys) take anything
+            default = self.internal_config_dict.get(key)
+            types = expected_types(key, default)
+            if not type_matches(value, types):
+                raise RecboleMMError(
+                    f"{self._where(key)} is {value!r} ({type(value).__name__}), but {key} takes "
+                    f"{describe_types(types)} (default: {default!r}). Give a value of that type."
+                )
 
     def _init_device(self):
         if "local_rank" in self.final_config_dict:  # a DDP worker: RecBole's own set-up is NCCL/CUDA only

@@ -63,7 +63,9 @@ def open_feature_file(spec):
     if not path.is_file():
         raise RecboleMMError(
             f"Feature table '{spec.name}': file {path} does not exist. Produce it with "
-            "dataset_conversion/ (see README), or fix feature_tables.{spec.name}.path in the dataset yaml."
+            f"dataset_conversion/ (docs/datasets.md), or fix feature_tables.{spec.name}.path where feature_tables "
+            "is set (the dataset yaml, a --config_files file or --feature_tables); relative paths are read from "
+            "the dataset folder."
         )
     try:
         if path.suffix == ".npy":
@@ -80,7 +82,7 @@ def open_feature_file(spec):
     except Exception as error:
         raise RecboleMMError(
             f"Feature table '{spec.name}': cannot read {path} ({error}). Expected .npy, .pt, or raw "
-            "float32 with feature_tables.{spec.name}.dim set."
+            f"float32 with feature_tables.{spec.name}.dim set."
         ) from error
     if rows.ndim != 2:
         raise RecboleMMError(

@@ -15,10 +15,11 @@ def effective_config(model, dataset, config_file_list=None, config_dict=None, cm
 
 
 # Keys that say where or how a run executes, not what it computes: left out of the config hash
-# so that a results store stays valid when moved between machines or working directories.
+# so that a results store stays valid when moved between machines or working directories
+# (``extra_config_keys`` only declares keys, whose values are hashed themselves).
 # ``data_path`` is replaced by the content of the dataset folder (``dataset_fingerprint``).
 PLACEMENT_KEYS = ("checkpoint_dir", "device", "gpu_id", "use_gpu", "show_progress", "state", "data_path",
-                  "local_rank", "single_spec", "log_wandb", "wandb_project", "worker")
+                  "local_rank", "single_spec", "log_wandb", "wandb_project", "worker", "extra_config_keys")
 
 _file_digests = {}  # (path, size, mtime_ns) -> sha256: a table run hashes each dataset file once
 

@@ -1,7 +1,8 @@
 """The table runner's results store: one JSON file per finished (or failed) cell."""
 import json
-import os
 from pathlib import Path
+
+from recbole_mm.utils.atomic import write_text_atomic
 
 
 class ResultsStore:
@@ -25,6 +26,4 @@ class ResultsStore:
 
     def save(self, record):
         path = self.path(record["model"], record["dataset"], record["seed"], record["config_hash"])
-        partial = path.with_suffix(".json.partial")
-        partial.write_text(json.dumps(record, indent=1, default=str), encoding="utf-8")
-        os.replace(partial, path)  # atomic: a store never holds half a cell
+        write_text_atomic(path, json.dumps(record, indent=1, default=str))  # a store never holds half a cell

@@ -1,7 +1,7 @@
 """Side-by-side tables: several models x datasets x seeds, same split/seed/evaluation settings.
 
     python -m recbole_mm.experiments table --models SASRec MMSASRec FMRLRec --datasets Scientific \
-        [--seeds 2020 2021] [--config_files a.yaml b.yaml] [--model_config_files FMRLRec=fmrl.yaml] \
+        [--seeds 2020 2021] [--config_files "a.yaml b.yaml"] [--model_config_files FMRLRec=fmrl.yaml] \
         [--output results/] [--latex] [--in_process] [--timeout=SECONDS] [--key=value ...]
 
 Every (model, dataset, seed) cell trains through ``recbole_mm.quick_start`` (via
@@ -10,7 +10,9 @@ apply to every cell. Each cell's result is stored as ``<output>/cells/<model>_<d
 where ``<hash>`` hashes the cell's effective configuration: a rerun reads finished cells instead of
 training them again, and any change of configuration (yaml defaults included) gives a new cell.
 A failed cell is stored with its error, shown in the table and retried on the next run; the other
-cells carry on. Outputs: ``table.md`` (one table per dataset, best value per column in bold,
+cells carry on. Exit status: 0 when every cell finished, 1 when some failed (the tables are still
+written), 2 for bad input (an unknown model or configuration key, checked for every cell before
+anything trains) or when another run holds ``<output>/.lock``. Outputs: ``table.md`` (one table per dataset, best value per column in bold,
 mean ± sample std over seeds), ``table.csv`` (same, one row per dataset and model), ``cells.csv``
 (one row per cell) and, with ``--latex``, ``table.tex``.
 """
@@ -19,11 +21,14 @@ import signal
 import sys
 from pathlib import Path
 
+from recbole_mm.config import Config
 from recbole_mm.experiments.cells import run_cell
 from recbole_mm.experiments.measure import machine_description
 from recbole_mm.experiments.store import ResultsStore
 from recbole_mm.experiments.summary import summarize
 from recbole_mm.experiments.writers import write_cells_csv, write_csv, write_latex, write_markdown
+from recbole_mm.utils import RecboleMMError
+from recbole_mm.utils.lock import output_lock
 
 
 def run_table(models, datasets, seeds=(2020,), config_file_list=None, config_dict=None, cmd_args=(),
@@ -40,11 +45,33 @@ def run_table(models, datasets, seeds=(2020,), config_file_list=None, config_dic
         if arg.startswith("--seed="):
             raise ValueError("--seed=... would give every cell the same seed: pass the seeds with --seeds.")
     output = Path(output)
-    store = ResultsStore(output)
     config_dict = {"checkpoint_dir": str(output / "checkpoints"), "show_progress": False, **(config_dict or {})}
-    records = [run_cell(store, model, dataset, seed, config_file_list or [], config_dict, cmd_args, isolate, timeout,
-                        log, model_config_files.get(model, []))
-               for dataset in datasets for model in models for seed in seeds]
+    check_configurations(models, datasets, config_file_list or [], config_dict, cmd_args, model_config_files)
+    with output_lock(output, "a table run"):
+        store = ResultsStore(output)
+        records = [run_cell(store, model, dataset, seed, config_file_list or [], config_dict, cmd_args, isolate,
+                            timeout, log, model_config_files.get(model, []))
+                   for dataset in datasets for model in models for seed in seeds]
+        write_outputs(output, records, models, datasets, seeds, config_file_list, cmd_args, latex, isolate, log)
+    return records
+
+
+def check_configurations(models, datasets, config_file_list, config_dict, cmd_args, model_config_files):
+    """Build every (model, dataset) configuration before training anything: an unknown model, an
+    unknown key or a value of the wrong type stops the table at once instead of failing its cells."""
+    problems = []
+    for model in models:
+        for dataset in datasets:
+            try:
+                Config(model, dataset, list(config_file_list) + list(model_config_files.get(model, [])),
+                       config_dict, cmd_args)
+            except RecboleMMError as error:
+                problems += [str(error)] if str(error) not in problems else []
+    if problems:
+        raise RecboleMMError(" ".join(problems) + " Nothing was trained.")
+
+
+def write_outputs(output, records, models, datasets, seeds, config_file_list, cmd_args, latex, isolate, log):
     groups = summarize(records)
     reused = sum(record.get("reused", False) for record in records)
     failed = sum(record["status"] != "ok" for record in records)
@@ -65,7 +92,6 @@ def run_table(models, datasets, seeds=(2020,), config_file_list=None, config_dic
         write_latex(output / "table.tex", groups, datasets, models)
     log(f"wrote {output / 'table.md'}, {output / 'table.csv'}, {output / 'cells.csv'}"
         + (f", {output / 'table.tex'}" if latex else ""))
-    return records
 
 
 def _exit_on_sigterm(signum, frame):
@@ -82,7 +108,9 @@ def main(argv=None):
     table.add_argument("--models", nargs="+", required=True)
     table.add_argument("--datasets", nargs="+", required=True)
     table.add_argument("--seeds", nargs="+", type=int, default=[2020])
-    table.add_argument("--config_files", nargs="+", default=None, help="yaml files applied to every cell")
+    table.add_argument("--config_files", nargs="+", default=None,
+                       help="yaml files applied to every cell: one quoted, space-separated string like the "
+                            "other commands (separate arguments work too)")
     table.add_argument("--model_config_files", nargs="+", default=[], metavar="MODEL=FILE",
                        help="yaml applied to one model only, e.g. FMRLRec=fmrl.yaml (repeatable)")
     table.add_argument("--output", default="results")
@@ -100,14 +128,20 @@ def main(argv=None):
             parser.error(f"--model_config_files takes MODEL=FILE, got {item!r}")
         model, file = item.split("=", 1)
         model_config_files.setdefault(model, []).append(file)
+    config_files = [name for text in args.config_files for name in text.split()] if args.config_files else None
     try:
-        records = run_table(args.models, args.datasets, args.seeds, args.config_files, cmd_args=overrides,
+        records = run_table(args.models, args.datasets, args.seeds, config_files, cmd_args=overrides,
                             output=args.output, latex=args.latex, isolate=not args.in_process, timeout=args.timeout,
                             model_config_files=model_config_files)
-    except ValueError as error:
-        parser.error(str(error))
+    except (RecboleMMError, ValueError) as error:
+        print(f"recbole-mm table: error: {error}", file=sys.stderr)
+        return 2
     print((Path(args.output) / "table.md").read_text(encoding="utf-8"))
-    return 1 if all(record["status"] != "ok" for record in records) else 0
+    failed = sum(record["status"] != "ok" for record in records)
+    if failed:
+        print(f"recbole-mm table: {failed} of {len(records)} cells failed (see table.md); they are retried "
+              "on the next run.", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

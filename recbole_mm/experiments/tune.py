@@ -36,9 +36,13 @@ import numpy as np
 from recbole.trainer.hyper_tuning import HyperTuning, _parameters  # hyperopt only: no ray import
 
 from recbole_mm.compat import restore_numpy_1_aliases
-from recbole_mm.experiments.hashing import config_hash, effective_config
+from recbole_mm.config import Config
+from recbole_mm.config.keys import describe_types, expected_types, type_matches
+from recbole_mm.experiments.hashing import PLACEMENT_KEYS, config_hash, effective_config
 from recbole_mm.experiments.measure import measured_run
 from recbole_mm.utils import RecboleMMError
+from recbole_mm.utils.atomic import write_text_atomic
+from recbole_mm.utils.lock import output_lock
 
 ALGORITHMS = ("exhaustive", "random", "bayes")
 
@@ -48,23 +52,43 @@ def params_key(params):
 
 
 class TrialStore:
-    """``trials.json``: the search setup and every trial's record, in the order they ran."""
+    """``trials.json``: the search setup, the fixed configuration and every trial's record, in the
+    order they ran."""
 
-    def __init__(self, output, setup):
+    def __init__(self, output, setup, fixed_config=None):
         self.path = Path(output) / "trials.json"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.setup = setup
+        self.fixed_config = fixed_config or {}
         self.trials = []
         if self.path.is_file():
-            stored = json.loads(self.path.read_text(encoding="utf-8"))
+            try:
+                stored = json.loads(self.path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as error:
+                raise RecboleMMError(f"{self.path} is not valid JSON ({error}); it was not written by this tuner "
+                                     "(whose writes are atomic). Move it away or choose another --output.") from None
             if stored["setup"] != setup:
-                changed = sorted(key for key in set(setup) | set(stored["setup"])
-                                 if setup.get(key) != stored["setup"].get(key))
                 raise RecboleMMError(
-                    f"{self.path} holds trials of a different search (differs in: {', '.join(changed)}). "
+                    f"{self.path} holds trials of a different search ({self._differences(stored)}). "
                     "Choose another --output, or delete that file to start this search from scratch."
                 )
             self.trials = stored["trials"]
+
+    def _differences(self, stored):
+        changed = sorted(key for key in set(self.setup) | set(stored["setup"])
+                         if self.setup.get(key) != stored["setup"].get(key))
+        described = [f"{key}: {stored['setup'].get(key)!r} then, {self.setup.get(key)!r} now"
+                     for key in changed if key != "fixed_config_hash"]
+        if "fixed_config_hash" in changed:
+            before, now = stored.get("fixed_config") or {}, self.fixed_config
+            keys = sorted(key for key in set(before) | set(now) if before.get(key) != now.get(key)
+                          and key not in PLACEMENT_KEYS)
+            if before and keys:
+                described += [f"fixed setting {key}: {before.get(key)!r} then, {now.get(key)!r} now" for key in keys]
+            else:
+                described.append("the fixed configuration (yaml files, --config_files or --key=value) or the "
+                                 "dataset's files changed")
+        return "; ".join(described)
 
     def finished(self, params):
         key = params_key(params)
@@ -73,10 +97,9 @@ class TrialStore:
     def add(self, record):
         key = record["params_key"]
         self.trials = [t for t in self.trials if t["params_key"] != key] + [record]
-        partial = self.path.with_suffix(".json.partial")
-        partial.write_text(json.dumps({"setup": self.setup, "trials": self.trials}, indent=1, default=str),
-                           encoding="utf-8")
-        os.replace(partial, self.path)  # atomic: an interrupted run never leaves half a file
+        # an interrupted run never leaves half a file
+        write_text_atomic(self.path, json.dumps({"setup": self.setup, "fixed_config": self.fixed_config,
+                                                 "trials": self.trials}, indent=1, default=str))
 
 
 def recbole_mm_objective(model, dataset, store, cmd_args=()):
@@ -171,11 +194,49 @@ class RecboleMMHyperTuning(HyperTuning):
 
 
 def search_setup(model, dataset, params_file, algo, seed, config_file_list, cmd_args):
-    """What makes two runs the same search (so their trials can be shared)."""
+    """What makes two runs the same search (so their trials can be shared), and the fixed config."""
     fixed = effective_config(model, dataset, config_file_list, None, cmd_args)
     return {"model": fixed["model"], "dataset": dataset, "algo": algo, "tune_seed": seed,
             "space_sha256": hashlib.sha256(Path(params_file).read_bytes()).hexdigest()[:12],
-            "fixed_config_hash": config_hash(fixed)}
+            "fixed_config_hash": config_hash(fixed)}, fixed
+
+
+def tuned_parameters(params_file):
+    """{name: (kind, values)} of a RecBole params file; ``values`` is the list of a ``choice``."""
+    parameters = {}
+    for number, line in enumerate(Path(params_file).read_text().splitlines(), 1):
+        parts = line.strip().split(" ")
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if len(parts) < 3 or parts[1] not in ("choice", "uniform", "quniform", "loguniform"):
+            raise RecboleMMError(f"{params_file} line {number}: {line.strip()!r} is not 'name choice [v1,v2]', "
+                                 "'name uniform low,high', 'name quniform low,high,q' or 'name loguniform low,high'.")
+        values = None
+        if parts[1] == "choice":
+            try:
+                values = eval("".join(parts[2:]))  # RecBole's HyperTuning reads the file the same way
+            except Exception:
+                raise RecboleMMError(f"{params_file} line {number}: the choices {''.join(parts[2:])} are not "
+                                     "a Python list, e.g. [0.001,0.01] or ['a','b'].") from None
+        parameters[parts[0]] = (parts[1], values)
+    return parameters
+
+
+def check_tuned_keys(model, dataset, params_file, config_file_list, cmd_args):
+    """Tuned names must be configuration keys of the model, and choices must have the key's type."""
+    parameters = tuned_parameters(params_file)
+    try:
+        config = Config(model, dataset, config_file_list, {name: None for name in parameters}, cmd_args)
+    except RecboleMMError as error:
+        raise RecboleMMError(f"{error} (tuned parameters come from {params_file})") from None
+    for name, (kind, values) in parameters.items():
+        types = expected_types(name, config.internal_config_dict.get(name))
+        # RecBole's Config eval()s string choices ('[64,64]' is a list), so compare what it will see
+        candidates = [Config._convert_config_dict(config, {"v": value})["v"] for value in values or []]
+        wrong = [value for value in candidates if not type_matches(value, types)]
+        if wrong:
+            raise RecboleMMError(f"{params_file}: {name} {kind} {wrong[0]!r} is not {describe_types(types)} "
+                                 f"(default {config.internal_config_dict.get(name)!r}). Fix that line.")
 
 
 def check_overrides(params_file, cmd_args):
@@ -197,11 +258,17 @@ def tune(model, dataset, params_file, algo="exhaustive", max_evals=100, early_st
     cmd_args = list(cmd_args)
     if not any(arg.startswith("--checkpoint_dir=") for arg in cmd_args):
         cmd_args.append(f"--checkpoint_dir={output / 'checkpoints'}")
-    setup = search_setup(model, dataset, params_file, algo, seed, config_file_list, cmd_args)
-    store = TrialStore(output, setup)
-    tuning = RecboleMMHyperTuning(recbole_mm_objective(model, dataset, store, cmd_args), params_file,
-                                  config_file_list, algo, max_evals, early_stop, seed, log)
-    tuning.run()
+    check_tuned_keys(model, dataset, params_file, config_file_list, cmd_args)
+    setup, fixed = search_setup(model, dataset, params_file, algo, seed, config_file_list, cmd_args)
+    with output_lock(output, "a tuning run"):
+        store = TrialStore(output, setup, fixed)
+        tuning = RecboleMMHyperTuning(recbole_mm_objective(model, dataset, store, cmd_args), params_file,
+                                      config_file_list, algo, max_evals, early_stop, seed, log)
+        tuning.run()
+        return write_best(output, store, tuning, setup, log)
+
+
+def write_best(output, store, tuning, setup, log):
     if tuning.best_params is None:
         raise RecboleMMError(f"every trial failed; see the errors in {store.path}")
     best = store.finished(tuning.best_params)
@@ -209,7 +276,7 @@ def tune(model, dataset, params_file, algo="exhaustive", max_evals=100, early_st
                "best_valid_result": best["best_valid_result"], "test_result": best["test_result"],
                "trials": len(tuning.results), "failed": sum(r["status"] != "ok" for r in tuning.results),
                "read_from_trials_json": sum(r["reused"] for r in tuning.results), "setup": setup}
-    (output / "best.json").write_text(json.dumps(summary, indent=1, default=str), encoding="utf-8")
+    write_text_atomic(output / "best.json", json.dumps(summary, indent=1, default=str))
     log(f"best {tuning.best_params}: valid {best['best_valid_score']:.4f}, test {best['test_result']}; "
         f"wrote {store.path} and {output / 'best.json'}")
     return summary
@@ -288,12 +355,12 @@ def run_with_ray(model, dataset, params_file, algo="exhaustive", max_evals=100, 
     grid = tuner.fit()
     trials = [{"params": r.config, "status": "failed" if r.error else "ok",
                "error": str(r.error) if r.error else None, "metrics": r.metrics} for r in grid]
-    (output / "trials.json").write_text(json.dumps({"setup": {"model": model, "dataset": dataset, "algo": algo,
-                                                              "ray": True}, "trials": trials}, indent=1, default=str))
+    write_text_atomic(output / "trials.json", json.dumps({"setup": {"model": model, "dataset": dataset, "algo": algo,
+                                                                  "ray": True}, "trials": trials}, indent=1, default=str))
     best = grid.get_best_result(metric="valid_score", mode=mode)
     summary = {"best_params": best.config, "best_valid_score": best.metrics["valid_score"],
                "metrics": best.metrics, "trials": len(trials), "failed": sum(t["status"] != "ok" for t in trials)}
-    (output / "best.json").write_text(json.dumps(summary, indent=1, default=str), encoding="utf-8")
+    write_text_atomic(output / "best.json", json.dumps(summary, indent=1, default=str))
     log(f"best {best.config}: valid {best.metrics['valid_score']:.4f}; wrote {output / 'trials.json'} and best.json")
     return summary
 
@@ -326,7 +393,7 @@ def main(argv=None):
         else:
             tune(args.model, args.dataset, args.params_file, args.algo, args.max_evals, args.early_stop,
                  args.tune_seed, config_files, overrides, args.output)
-    except RecboleMMError as error:
+    except (RecboleMMError, OSError) as error:
         print(f"recbole-mm tune: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -1,6 +1,5 @@
 """A table's output files: ``table.md``, ``table.csv``, ``cells.csv`` and ``table.tex``."""
 import csv
-from pathlib import Path
 
 from recbole_mm.experiments.summary import (
     RESOURCE_COLUMNS,
@@ -11,6 +10,7 @@ from recbole_mm.experiments.summary import (
     short_error,
     table_columns,
 )
+from recbole_mm.utils.atomic import open_atomic, write_text_atomic
 
 
 def write_markdown(path, groups, datasets, models, seeds, header_lines):
@@ -33,14 +33,14 @@ def write_markdown(path, groups, datasets, models, seeds, header_lines):
                 for (dataset, model), group in groups.items() if group["errors"]]
     if failures:
         lines += ["Failed cells (retried on the next run):", ""] + failures + [""]
-    Path(path).write_text("\n".join(lines), encoding="utf-8")
+    write_text_atomic(path, "\n".join(lines))
 
 
 def write_csv(path, groups, datasets, models):
     columns = []
     for dataset in datasets:
         columns += [c for c in table_columns(groups, dataset) if c not in columns]
-    with open(path, "w", newline="", encoding="utf-8") as file:
+    with open_atomic(path, "w", newline="", encoding="utf-8") as file:
         writer = csv.writer(file)
         writer.writerow(["dataset", "model", "seeds", "failed"] +
                         [name for c in columns for name in (f"{c} mean", f"{c} std", f"{c} best")])
@@ -62,7 +62,7 @@ def write_cells_csv(path, records):
         metric_keys += [k for k in record.get("test_result", {}) if k not in metric_keys]
     fields = ["dataset", "model", "seed", "status", "reused", "config_hash"] + [f"test {k}" for k in metric_keys] + \
         [key for key, _, _ in RESOURCE_COLUMNS] + ["epochs", "error"]
-    with open(path, "w", newline="", encoding="utf-8") as file:
+    with open_atomic(path, "w", newline="", encoding="utf-8") as file:
         writer = csv.DictWriter(file, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         for record in records:
@@ -91,4 +91,4 @@ def write_latex(path, groups, datasets, models):
                 texts = [f"\\textbf{{{t}}}" if model in bests[c] else t for c, t in zip(columns, texts)]
             parts.append(latex_escape(model) + " & " + " & ".join(texts) + " \\\\")
         parts += ["\\bottomrule", "\\end{tabular}", ""]
-    Path(path).write_text("\n".join(parts), encoding="utf-8")
+    write_text_atomic(path, "\n".join(parts))

@@ -42,6 +42,7 @@ from recbole_mm.model.layers.llm import ITEM_PLACEHOLDER, backbone_from_config, 
 from recbole_mm.model.layers.mome import MultimodalItemCompressor
 from recbole_mm.trainer import TrainingStage
 from recbole_mm.utils import RecboleMMError
+from recbole_mm.utils.atomic import torch_save_atomic
 
 ID_MODALITY = "id"
 INFERENCE_MODES = ("constrained", "generate")
@@ -425,5 +426,5 @@ def sasrec_item_table(config, dataset):
     Trainer(sas_config, model).fit(train_data, valid_data=None, saved=False, verbose=False)
     table = model.item_embedding.weight.detach().cpu().clone()
     os.makedirs(config["checkpoint_dir"], exist_ok=True)
-    torch.save(table, cache)
+    torch_save_atomic(table, cache)
     return table

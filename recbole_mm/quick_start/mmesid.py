@@ -34,6 +34,7 @@ from recbole_mm.model.layers.rqvae import (MultimodalRQVAE, collision_statistics
                                            train_multimodal_rqvae)
 from recbole_mm.quick_start.quick_start import build, run
 from recbole_mm.utils import RecboleMMError
+from recbole_mm.utils.atomic import torch_save_atomic
 
 STAGES = ("collab", "tokenizer", "llm")
 # Settings of the MMESID run that the collaborative model's run shares, beside every RecBole
@@ -100,7 +101,7 @@ def collaborative_stage(config, cache_dir, logger=None):
             "ID-based sequential model), or give mmesid_collab_file."
         )
     dataset = train_data.dataset
-    torch.save({
+    torch_save_atomic({
         "item_tokens": [str(token) for token in dataset.field2id_token[dataset.iid_field]],
         "embedding": model.item_embedding.weight.detach().float().cpu(),
         "model": config["collab_model"],
@@ -168,7 +169,7 @@ def tokenizer_stage(config, cache_dir, collab_path, logger=None):
     every = torch.stack(list(present.values())).all(dim=0)
     stats["joint"] = collision_statistics(torch.cat([codes[name] for name in features], dim=1)[every])
     logger.info(f"MMESID stage tokenizer: all modalities' IDs together: {stats['joint']}")
-    torch.save({
+    torch_save_atomic({
         "item_tokens": [str(token) for token in dataset.field2id_token[dataset.iid_field]],
         "modalities": list(features),
         "codes": codes,
@@ -202,7 +203,7 @@ def export_item_tables(dataset, checkpoint, config_file_list=None, config_dict=N
     model.eval()
     items = train_data.dataset.field2id_token[train_data.dataset.iid_field]
     path = Path(path) if path else Path(checkpoint).with_suffix(".tables.pt")
-    torch.save({
+    torch_save_atomic({
         "item_tokens": [str(token) for token in items],
         "input_table": model.item_input_table().cpu(),
         "target_table": model.target_item_embedding.weight.detach().cpu(),

@@ -51,6 +51,9 @@ def build(model, dataset, config_file_list=None, config_dict=None, cmd_args=()):
     init_logger(config)
     logger = getLogger()
     logger.info(config)
+    if config.keys_for_other_models():
+        logger.warning(f"{config['model']} does not read {', '.join(config.keys_for_other_models())} (keys of other "
+                       "models, e.g. from a config file shared by several): they have no effect on this run")
     dataset = create_dataset(config)
     logger.info(dataset)
     train_data, valid_data, test_data = data_preparation(config, dataset)

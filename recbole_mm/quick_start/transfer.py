@@ -32,6 +32,7 @@ from recbole_mm.compat import load_checkpoint, plain_config
 from recbole_mm.config import Config
 from recbole_mm.data.utils import create_dataset
 from recbole_mm.utils import RecboleMMError, get_model
+from recbole_mm.utils.atomic import torch_save_atomic
 
 
 def parse_dataset_list(value):
@@ -158,6 +159,6 @@ def pretrain(model_name, dataset_names, config_file_list=None, config_dict=None,
                     if key not in set(domain_specific_keys(models[0], models[0].state_dict()))}
     plain = plain_config(config)
     plain["pretrain_datasets"] = list(dataset_names)
-    torch.save({"config": plain, "epoch": config["epochs"] - 1, "state_dict": shared_state}, path)
+    torch_save_atomic({"config": plain, "epoch": config["epochs"] - 1, "state_dict": shared_state}, path)
     logger.info(set_color("pre-trained checkpoint", "blue") + f": {path}")
     return str(path)

@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from recbole_mm.utils.atomic import open_atomic
+
 
 # --------------------------------------------------------------------------------------------
 # Spectrum
@@ -41,7 +43,7 @@ def write_spectrum(matrices, out_prefix):
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
     csv_path, png_path = out_prefix.with_suffix(".csv"), out_prefix.with_suffix(".png")
     figure, axes = plt.subplots(figsize=(6, 4))
-    with open(csv_path, "w", newline="") as file:
+    with open_atomic(csv_path, "w", newline="") as file:
         writer = csv.writer(file)
         writer.writerow(["name", "index", "singular_value", "normalised", "log10_normalised"])
         for name, matrix in matrices.items():

@@ -30,6 +30,7 @@ from recbole_mm.model.layers.matryoshka import MatryoshkaLinear
 from recbole_mm.data.utils import create_dataset
 from recbole_mm.trainer.fmrlrec_trainer import evaluate_sizes
 from recbole_mm.utils import RecboleMMError, get_trainer
+from recbole_mm.utils.atomic import write_text_atomic
 
 # Keys RecBole derives from others while building a Config; passing them back in would fight it.
 DERIVED_CONFIG_KEYS = {
@@ -144,6 +145,9 @@ def config_from_checkpoint(saved: dict, cmd_args: Sequence[str] = ()):
         key: value for key, value in saved.items()
         if key not in DERIVED_CONFIG_KEYS and defaults.get(key) != value
     }
+    if "data_path" in run_settings:  # stored joined with the dataset name, which Config appends again
+        stored = Path(run_settings["data_path"])
+        run_settings["data_path"] = str(stored.parent if stored.name == dataset else stored)
     return Config(model=model, dataset=dataset, config_dict=run_settings, cmd_args=cmd_args)
 
 
@@ -173,7 +177,7 @@ def save_submodel(checkpoint_path: str, size: int, output_path: str, cmd_args: S
     # the model's own keys, plus the modalities (a dataset-level default the run may have overridden)
     model_keys = ["modalities", *yaml.safe_load((PROPERTIES_DIR / "model" / "FMRLRec.yaml").read_text())]
     settings = {key: plain_config(small_config)[key] for key in dict.fromkeys(model_keys)}
-    Path(output_path).with_suffix(".yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
+    write_text_atomic(Path(output_path).with_suffix(".yaml"), yaml.safe_dump(settings, sort_keys=False))
     return small
 
 

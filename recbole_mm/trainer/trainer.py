@@ -1,8 +1,11 @@
 """RecBole's Trainer with safe checkpoints, more learners, schedules, accumulation and stages."""
 import math
+import random
 from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
 
+import numpy as np
 import torch
 from recbole.trainer import Trainer
 from recbole.utils import set_color
@@ -10,30 +13,154 @@ from torch import optim
 from torch.nn.utils.clip_grad import clip_grad_norm_
 from tqdm import tqdm
 
-from recbole_mm.compat import load_checkpoint, plain_config
+from recbole_mm.compat import from_tensors_only, load_checkpoint, plain_config, tensors_only
 from recbole_mm.trainer.distributed import DistributedTrainingMixin
 from recbole_mm.utils import RecboleMMError
+from recbole_mm.utils.atomic import torch_save_atomic
+
+
+def resume_file_for(best_model_file):
+    """``<checkpoint_dir>/<Model>-<time>.pth`` (the best epoch, RecBole's name) ->
+    ``<checkpoint_dir>/<Model>-<time>-last.pth`` (the resume point, rewritten every epoch)."""
+    path = Path(best_model_file)
+    return str(path.with_name(f"{path.stem}-last{path.suffix or '.pth'}"))
+
+
+def _random_generators(model, train_data):
+    """Every random generator training draws from besides the global ones: RecBole's data loader
+    shuffle generator and negative sampler, and generators a model keeps (Speeder's PPT rows, its
+    candidate sampler)."""
+    owners = {"train_data": train_data, "train_data.sampler": getattr(train_data, "_sampler", None)}
+    owners.update({f"model.{name}" if name else "model": module for name, module in model.named_modules()})
+    generators = {}
+    for owner_name, owner in owners.items():
+        for attribute, value in (vars(owner).items() if owner is not None else ()):
+            if isinstance(value, (torch.Generator, np.random.Generator, random.Random)):
+                generators[f"{owner_name}.{attribute}"] = value
+            elif hasattr(value, "training_rng") and isinstance(value.training_rng, np.random.Generator):
+                generators[f"{owner_name}.{attribute}.training_rng"] = value.training_rng
+    return generators
+
+
+def _generator_state(generator):
+    if isinstance(generator, torch.Generator):
+        return generator.get_state()
+    if isinstance(generator, np.random.Generator):
+        return generator.bit_generator.state
+    return _plain_python_state(generator.getstate())
+
+
+def _set_generator_state(generator, state):
+    if isinstance(generator, torch.Generator):
+        generator.set_state(state)
+    elif isinstance(generator, np.random.Generator):
+        generator.bit_generator.state = state
+    else:
+        generator.setstate(_python_state(state))
+
+
+def _plain_python_state(state):  # random.getstate(): (version, tuple of ints, gauss) -> lists
+    return [state[0], list(state[1]), state[2]]
+
+
+def _python_state(state):
+    return (state[0], tuple(state[1]), state[2])
+
+
+def random_states(model, train_data):
+    """Global and per-component random states, as tensors and plain data (weights_only loads them)."""
+    numpy_state = np.random.get_state()
+    states = {
+        "torch": torch.get_rng_state(),
+        "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *map(int, numpy_state[2:4]),
+                  float(numpy_state[4])],
+        "python": _plain_python_state(random.getstate()),
+        "generators": {name: _generator_state(g) for name, g in _random_generators(model, train_data).items()},
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_random_states(states, model, train_data):
+    torch.set_rng_state(states["torch"])
+    name, keys, position, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    random.setstate(_python_state(states["python"]))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    generators = _random_generators(model, train_data)
+    missing = sorted(set(states["generators"]) - set(generators))
+    if missing:
+        raise RecboleMMError(f"The resume checkpoint holds random generators this run does not have ({missing}): "
+                             "it was written by another version of the model. Resume with the same code.")
+    for name, state in states["generators"].items():
+        _set_generator_state(generators[name], state)
 
 
 class SafeCheckpointMixin:
-    """Checkpoints hold tensors and plain data only, so they load with ``weights_only=True``."""
+    """Checkpoints hold tensors and plain data only, so they load with ``weights_only=True``.
+
+    Two files per run (both written atomically): ``<Model>-<time>.pth``, the best epoch so far
+    (RecBole's checkpoint, what evaluation loads), and ``<Model>-<time>-last.pth``, the resume point:
+    rewritten at the start of every epoch with everything training depends on (weights, optimizer,
+    learning-rate schedule, early-stopping counters, every random state, the epoch and so the
+    stage). ``--resume=<...-last.pth>`` continues exactly as if the run had not stopped."""
 
     def _save_checkpoint(self, epoch, verbose=True, **kwargs):
         if not self.config["single_spec"] and self.config["local_rank"] != 0:
             return
         saved_model_file = kwargs.pop("saved_model_file", self.saved_model_file)
-        state = {
+        torch_save_atomic(self._checkpoint_state(epoch), saved_model_file)
+        if verbose:
+            self.logger.info(set_color("Saving current", "blue") + f": {saved_model_file}")
+
+    def _checkpoint_state(self, epoch):
+        return {
             "config": plain_config(self.config),
             "epoch": epoch,
             "cur_step": self.cur_step,
             "best_valid_score": float(self.best_valid_score),
             "state_dict": self.model.state_dict(),
-            "other_parameter": self.model.other_parameter(),
-            "optimizer": self.optimizer.state_dict(),
+            "other_parameter": tensors_only(self.model.other_parameter()),
+            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
         }
-        torch.save(state, saved_model_file)
-        if verbose:
-            self.logger.info(set_color("Saving current", "blue") + f": {saved_model_file}")
+
+    def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
+        self._resume_point(train_data, epoch_idx)
+        return super()._train_epoch(train_data, epoch_idx, loss_func=loss_func, show_progress=show_progress)
+
+    def _resume_point(self, train_data, epoch_idx):
+        """At the start of an epoch: continue a resumed run's state, else save this resume point."""
+        pending = getattr(self, "_pending_resume", None)
+        if pending is not None:
+            self._pending_resume = None
+            if pending["next_epoch"] != epoch_idx:
+                raise RecboleMMError(f"The resume checkpoint continues at epoch {pending['next_epoch']}, but "
+                                     f"training restarted at epoch {epoch_idx}.")
+            if pending.get("stage") != getattr(self, "stage_name", None):
+                raise RecboleMMError(f"The resume checkpoint was written in training stage {pending.get('stage')!r}, "
+                                     f"but epoch {epoch_idx} is in stage {getattr(self, 'stage_name', None)!r} now: "
+                                     "the stage settings changed. Resume with the settings of the run.")
+            self.optimizer.load_state_dict(pending["optimizer"])
+            if getattr(self, "scheduler", None) is not None and pending.get("scheduler") is not None:
+                self.scheduler.load_state_dict(pending["scheduler"])
+            self.cur_step, self.best_valid_score = pending["cur_step"], pending["best_valid_score"]
+            self.best_valid_result = pending["best_valid_result"]
+            set_random_states(pending["random_states"], self.model, train_data)
+            return
+        if epoch_idx == 0 or (not self.config["single_spec"] and self.config["local_rank"] != 0):
+            return
+        state = self._checkpoint_state(epoch_idx - 1)
+        state["resume"] = {
+            "next_epoch": epoch_idx,
+            "best_model_file": str(self.saved_model_file),
+            "best_valid_result": {k: float(v) for k, v in dict(self.best_valid_result or {}).items()} or None,
+            "scheduler": self.scheduler.state_dict() if getattr(self, "scheduler", None) is not None else None,
+            "stage": getattr(self, "stage_name", None),
+            "random_states": random_states(self.model, train_data),
+        }
+        torch_save_atomic(state, resume_file_for(self.saved_model_file))
 
     def load_model_checkpoint(self, checkpoint_file):
         """Load weights from a checkpoint of the same model; return the checkpoint dict."""
@@ -44,18 +171,40 @@ class SafeCheckpointMixin:
                 f"Checkpoint {checkpoint_file} was written by model '{saved_model}', not "
                 f"'{self.config['model']}'. Pass --model={saved_model} or choose another checkpoint."
             )
-        self.model.load_state_dict(checkpoint["state_dict"])
-        self.model.load_other_parameter(checkpoint.get("other_parameter"))
+        try:
+            self.model.load_state_dict(checkpoint["state_dict"])
+        except RuntimeError as error:
+            mismatched = [line.strip() for line in str(error).splitlines()[1:] if line.strip()][:3]
+            raise RecboleMMError(
+                f"Checkpoint {checkpoint_file} holds a {saved_model} of other sizes than this run builds "
+                f"({'; '.join(mismatched)} ...). Run with the checkpoint's own settings: the same --config_files "
+                f"and --key=value options it was trained with (its config is stored inside it)."
+            ) from None
+        self.model.load_other_parameter(from_tensors_only(checkpoint.get("other_parameter")))
         return checkpoint
 
     def resume_checkpoint(self, resume_file):
+        """Continue training from ``resume_file``: a ``-last.pth`` resume point continues exactly
+        (see the class doc); a best-epoch checkpoint continues from that epoch's weights, optimizer
+        and counters (random states and the learning-rate schedule then start afresh)."""
         checkpoint = self.load_model_checkpoint(resume_file)
-        self.saved_model_file = str(resume_file)
+        resume = checkpoint.get("resume")
         self.start_epoch = checkpoint["epoch"] + 1
         self.cur_step = checkpoint["cur_step"]
         self.best_valid_score = checkpoint["best_valid_score"]
         self.optimizer.load_state_dict(checkpoint["optimizer"])
-        self.logger.info(f"Checkpoint loaded. Resume training from epoch {self.start_epoch}")
+        if resume is None:
+            self.saved_model_file = str(resume_file)
+        else:
+            self.saved_model_file = resume["best_model_file"]
+            if not Path(self.saved_model_file).is_file() and resume["best_valid_result"]:
+                raise RecboleMMError(f"{resume_file} continues a run whose best checkpoint {self.saved_model_file} "
+                                     "is gone; restore that file next to it, or train again.")
+            self.best_valid_result = resume["best_valid_result"]
+            self._pending_resume = {**resume, "optimizer": checkpoint["optimizer"], "cur_step": checkpoint["cur_step"],
+                                    "best_valid_score": checkpoint["best_valid_score"]}
+        self.logger.info(f"Checkpoint loaded. Resume training from epoch {self.start_epoch}"
+                         + ("" if resume else " (a best-epoch checkpoint: random states start afresh)"))
 
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
         if eval_data and load_best_model:
@@ -124,6 +273,8 @@ class MMTrainer(DistributedTrainingMixin, SafeCheckpointMixin, Trainer):
                 f"lr_scheduler: {self.scheduler_name!r} is not known; use warmup_cosine, warmup_linear or ~."
             )
         self.scheduler = None
+        self.schedule_start_epoch = 0  # the first epoch of the run, or of the current stage
+        self.stage_name = None
 
     def _build_optimizer(self, **kwargs):
         params = kwargs.pop("params", [p for p in self.model.parameters() if p.requires_grad])
@@ -159,7 +310,8 @@ class MMTrainer(DistributedTrainingMixin, SafeCheckpointMixin, Trainer):
     def _build_scheduler(self, steps_per_epoch):
         if self.scheduler_name is None:
             return None
-        total_steps = max(1, steps_per_epoch * (self.epochs - self.start_epoch))
+        # over the whole run (or stage), also when it resumes part-way
+        total_steps = max(1, steps_per_epoch * (self.epochs - self.schedule_start_epoch))
         warmup = min(self.warmup_steps, total_steps - 1)
 
         def factor(step):
@@ -178,6 +330,7 @@ class MMTrainer(DistributedTrainingMixin, SafeCheckpointMixin, Trainer):
         steps_per_epoch = math.ceil(len(train_data) / self.accumulation_steps)
         if self.scheduler is None:
             self.scheduler = self._build_scheduler(steps_per_epoch)
+        self._resume_point(train_data, epoch_idx)
         iter_data = (
             tqdm(train_data, total=len(train_data), ncols=100, desc=set_color(f"Train {epoch_idx:>5}", "pink"))
             if show_progress else train_data
@@ -225,7 +378,7 @@ class MMTrainer(DistributedTrainingMixin, SafeCheckpointMixin, Trainer):
             stage_end = stage_start + stage.epochs
             self.model.enter_stage(stage)
             if stage_end > resumed_epoch:
-                self._begin_stage(stage, max(stage_start, resumed_epoch), stage_end, verbose)
+                self._begin_stage(stage, stage_start, max(stage_start, resumed_epoch), stage_end, verbose)
                 result = super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
                 if saved and valid_data and stage is not stages[-1]:
                     # the next stage starts from this stage's best weights, not its last epoch
@@ -233,16 +386,18 @@ class MMTrainer(DistributedTrainingMixin, SafeCheckpointMixin, Trainer):
             stage_start = stage_end
         return result
 
-    def _begin_stage(self, stage, start_epoch, end_epoch, verbose):
+    def _begin_stage(self, stage, stage_start, start_epoch, end_epoch, verbose):
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         if not trainable:
             raise RecboleMMError(f"Training stage '{stage.name}' leaves no trainable parameter.")
         self.optimizer = self._build_optimizer(params=trainable, learning_rate=stage.learning_rate or self.learning_rate)
         self.scheduler = None
+        self.schedule_start_epoch, self.stage_name = stage_start, stage.name
         self.start_epoch, self.epochs = start_epoch, end_epoch
         self.cur_step = 0
         self.best_valid_score = -math.inf if self.valid_metric_bigger else math.inf
         self.best_valid_result = None
+        # a resumed stage's optimizer and counters come from the resume point (_resume_point)
         if verbose:
             n_trainable = sum(p.numel() for p in trainable)
             self.logger.info(

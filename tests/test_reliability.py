@@ -1,0 +1,167 @@
+"""Bad input and faults at the command line: exit status 2, one paragraph naming the input and
+the fix, never a traceback (docs/reliability.md lists each case); concurrent runs on one output."""
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from recbole_mm.utils import RecboleMMError
+from recbole_mm.utils.lock import output_lock
+from tests.conftest import PROJECT_ROOT, scientific_slice_config, write_scientific_slice
+
+CLI = str(PROJECT_ROOT / "run_recbole_mm.py")
+
+
+def command(*args, cwd, module=None):
+    prefix = [sys.executable, "-m", module] if module else [sys.executable, CLI]
+    return subprocess.run([*prefix, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def assert_clean_error(result, *fragments):
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    message = result.stderr.strip().splitlines()[-1]
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+@pytest.fixture
+def trained(scientific_dir, tmp_path):
+    """A slice, its config file and a real 1-epoch MMSASRec checkpoint."""
+    write_scientific_slice(scientific_dir, tmp_path / "data", n_users=40)
+    config_file = tmp_path / "slice.yaml"
+    config_file.write_text(yaml.safe_dump(scientific_slice_config(tmp_path / "data")))
+    result = command("--model=MMSASRec", "--dataset=SciSlice", f"--config_files={config_file}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = tmp_path / result.stdout.strip().splitlines()[-1].split("checkpoint=")[1]
+    return config_file, checkpoint
+
+
+def test_typo_and_wrong_type_on_the_command_line(tmp_path):
+    assert_clean_error(command("--model=MMSASRec", "--dataset=Scientific", "--hiden_size=128", cwd=tmp_path),
+                       "--hiden_size", "did you mean hidden_size")
+    assert_clean_error(command("--model=MMSASRec", "--dataset=Scientific", "--learning_rate=abc", cwd=tmp_path),
+                       "--learning_rate", "'abc'", "a number")
+    assert_clean_error(command("--model=MMSASRec", "--dataset=Scientific", f"--config_files={tmp_path}/no.yaml",
+                               cwd=tmp_path), "no.yaml", "not found")
+
+
+def test_damaged_checkpoints_passed_to_resume(trained, tmp_path):
+    config_file, checkpoint = trained
+    common = ["--model=MMSASRec", "--dataset=SciSlice", f"--config_files={config_file}"]
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])
+    assert_clean_error(command(*common, f"--resume={truncated}", cwd=tmp_path), "truncated.pth", "truncated")
+    foreign = tmp_path / "foreign.pth"
+    torch.save({"weights": torch.zeros(2)}, foreign)
+    assert_clean_error(command(*common, f"--resume={foreign}", cwd=tmp_path), "not a recbole-mm or RecBole checkpoint")
+    text = tmp_path / "notes.pth"
+    text.write_text("not a checkpoint\n")
+    assert_clean_error(command(*common, f"--resume={text}", cwd=tmp_path), "not a PyTorch checkpoint")
+    assert_clean_error(command(*common, f"--resume={tmp_path}/gone.pth", cwd=tmp_path), "gone.pth", "not found")
+    # a checkpoint of other sizes (e.g. trained with another yaml): no size-mismatch traceback
+    assert_clean_error(command(*common, "--hidden_size=32", f"--resume={checkpoint}", cwd=tmp_path),
+                       "other sizes", "--config_files")
+
+
+def test_pickled_checkpoint_is_refused_with_the_reason(tmp_path):
+    import collections
+
+    pickled = tmp_path / "recbole.pth"
+    torch.save({"config": collections.Counter(a=1), "state_dict": {}}, pickled)
+    from recbole_mm.compat import load_checkpoint
+
+    with pytest.raises(RecboleMMError, match="pickled Python objects"):
+        load_checkpoint(pickled)
+
+
+def test_table_runner_bad_input_exits_2_before_training(tmp_path):
+    result = command("table", "--models", "SASRec", "NoSuchModel", "--datasets", "Scientific", "--output",
+                     str(tmp_path / "out"), cwd=tmp_path, module="recbole_mm.experiments")
+    assert_clean_error(result, "Unknown model 'NoSuchModel'", "Nothing was trained")
+    result = command("table", "--models", "SASRec", "--datasets", "Scientific", "--output", str(tmp_path / "out"),
+                     "--hiden_size=8", cwd=tmp_path, module="recbole_mm.experiments")
+    assert_clean_error(result, "--hiden_size", "did you mean hidden_size")
+    assert not (tmp_path / "out" / "cells").exists()
+
+
+def test_tuner_bad_input_exits_2(tmp_path):
+    params = tmp_path / "hyper.test"
+    params.write_text("hiden_size choice [8,16]\n")
+    result = command("--model=SASRec", "--dataset=Scientific", f"--params_file={params}", cwd=tmp_path,
+                     module="recbole_mm.experiments.tune")
+    assert_clean_error(result, "hiden_size", "did you mean hidden_size", str(params))
+    params.write_text("learning_rate choice ['fast']\n")
+    result = command("--model=SASRec", "--dataset=Scientific", f"--params_file={params}", cwd=tmp_path,
+                     module="recbole_mm.experiments.tune")
+    assert_clean_error(result, "learning_rate", "'fast'", "a number")
+
+
+def test_converter_bad_input_exits_2(tmp_path):
+    result = subprocess.run([sys.executable, str(PROJECT_ROOT / "dataset_conversion" / "amazon.py"), "--reviews",
+                             str(tmp_path / "none.json.gz"), "--meta", str(tmp_path / "meta.json.gz"), "--dataset",
+                             "X", "--output_dir", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert_clean_error(result, "none.json.gz", "not found")
+
+
+def test_fmrlrec_tool_bad_checkpoint_exits_2(tmp_path):
+    bad = tmp_path / "FMRLRec.pth"
+    bad.write_bytes(b"PK\x03\x04 truncated")
+    result = command("evaluate", "--checkpoint", str(bad), cwd=tmp_path, module="recbole_mm.tools.fmrlrec")
+    assert_clean_error(result, "FMRLRec.pth", "truncated")
+
+
+# ------------------------------------------------------------------------------------------------
+# Two runs on one output folder
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture
+def slice_file(scientific_dir, tmp_path):
+    write_scientific_slice(scientific_dir, tmp_path / "data", n_users=40)
+    config_file = tmp_path / "endless.yaml"
+    config_file.write_text(yaml.safe_dump({**scientific_slice_config(tmp_path / "data"), "epochs": 100000,
+                                           "stopping_step": 100000}))
+    return config_file
+
+
+def test_second_table_runner_on_the_same_output_is_refused(slice_file, tmp_path):
+    output = tmp_path / "out"
+    first = subprocess.Popen([sys.executable, "-m", "recbole_mm.experiments", "table", "--models", "SASRec",
+                              "--datasets", "SciSlice", "--config_files", str(slice_file), "--output", str(output)],
+                             cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (output / ".lock").is_file() or not (output / ".lock").read_text().strip():
+            assert time.monotonic() < deadline and first.poll() is None, "the first runner never took the lock"
+            time.sleep(0.2)
+        second = command("table", "--models", "SASRec", "--datasets", "SciSlice", "--config_files", str(slice_file),
+                         "--output", str(output), cwd=tmp_path, module="recbole_mm.experiments")
+        assert_clean_error(second, str(output), f"pid {first.pid}", "another --output")
+        assert first.poll() is None, "the first runner was disturbed"
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=60)
+    with output_lock(output, "a later run"):  # kill -9 leaves no stale lock
+        pass
+
+
+def test_second_tuner_on_the_same_output_is_refused(slice_file, tmp_path):
+    output = tmp_path / "tuning"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom recbole_mm.utils.lock import output_lock\n"
+                               "with output_lock(sys.argv[1], 'a tuning run'):\n    print('held', flush=True)\n"
+                               "    time.sleep(600)\n", str(output)], cwd=PROJECT_ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        params = tmp_path / "hyper.test"
+        params.write_text("hidden_size choice [8]\n")
+        result = command("--model=SASRec", "--dataset=SciSlice", f"--config_files={slice_file}",
+                         f"--params_file={params}", f"--output={output}", cwd=tmp_path,
+                         module="recbole_mm.experiments.tune")
+        assert_clean_error(result, "in use by a tuning run", f"pid {holder.pid}")
+        assert not (output / "trials.json").exists()
+    finally:
+        holder.kill()
+        holder.wait(timeout=60)
