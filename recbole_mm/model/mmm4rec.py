@@ -447,7 +447,7 @@ class MMM4Rec(MultimodalSequentialRecommender):
         user = self._user(interaction)
         targets = interaction[self.POS_ITEM_ID]
         if not self.in_batch_loss:
-            return self.loss_fct(self.scores(user), targets)  # eq. 20: CE over all items
+            return self.loss_fct(self.scores(user), targets)  # eq. 20: CE over all items (gradients need them at once)
         # eq. 21: in-batch CE, S_jk = s(u_j, target_k), positives on the diagonal.
         logits = self.scores(user, targets)
         if self.mask_in_batch_duplicates:
@@ -463,4 +463,4 @@ class MMM4Rec(MultimodalSequentialRecommender):
         return ((user * key_table).sum(-1) + (user * query_table).sum(-1)) / self.temperature
 
     def full_sort_predict(self, interaction):
-        return self.scores(self._user(interaction))
+        return self.scores_in_item_chunks(self._user(interaction), self.scores)
