@@ -4,6 +4,8 @@ from recbole.model.abstract_recommender import SequentialRecommender
 
 from recbole_mm.utils import RecboleMMError
 
+DEFAULT_ITEM_CHUNK = 65536  # properties/overall.yaml's full_sort_item_chunk
+
 
 class MultimodalSequentialRecommender(SequentialRecommender):
     """SequentialRecommender with the run's feature tables as frozen, non-persistent buffers.
@@ -27,7 +29,8 @@ class MultimodalSequentialRecommender(SequentialRecommender):
         for name in self.modalities:
             self.register_feature_table(name, item_features[name], dataset.item_feature_masks[name])
         self.has_timestamps = bool(getattr(dataset, "has_timestamps", False))
-        self.full_sort_item_chunk = int(config["full_sort_item_chunk"] or 0)
+        settings = getattr(config, "final_config_dict", config)  # a Config, or a plain dict in unit tests
+        self.full_sort_item_chunk = int(settings.get("full_sort_item_chunk", DEFAULT_ITEM_CHUNK) or 0)
 
     def register_feature_table(self, name, table, mask):
         """Add a frozen (n_items, D) table that does not come from the dataset (e.g. ID embeddings
