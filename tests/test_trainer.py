@@ -173,3 +173,22 @@ def test_candidate_protocol_for_any_model(slice_root):
     _, (_, _, test_again), _, trainer_again = build_slice(slice_root, model="SASRec", **overrides)
     trainer_again.model.load_state_dict(trainer.model.state_dict())
     assert trainer_again.evaluate(test_again, load_best_model=False) == first
+
+
+def test_mixed_precision_is_checked_and_cpu_runs_are_refused(slice_root):
+    with pytest.raises(RecboleMMError, match="mixed_precision: 'fp8' is not known"):
+        build_slice(slice_root, mixed_precision="fp8")
+    if not torch.cuda.is_available():
+        with pytest.raises(RecboleMMError, match="needs a CUDA device"):
+            build_slice(slice_root, mixed_precision="bf16", use_gpu=False)
+    _, _, _, trainer = build_slice(slice_root)
+    assert trainer.autocast_dtype is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bf16_autocast_trains_one_epoch_on_cuda(slice_root):
+    _, (train, _, _), model, trainer = build_slice(slice_root, "MMM4Rec", mixed_precision="bf16", hidden_size=16,
+                                                   inner_size=32, d_state=8, head_dim=8, n_groups=2, train_batch_size=64)
+    assert trainer.autocast_dtype == torch.bfloat16
+    loss = trainer._train_epoch(train, 0)
+    assert math.isfinite(loss)
