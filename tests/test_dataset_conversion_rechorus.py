@@ -80,7 +80,7 @@ def test_recbole_leave_one_out_gives_the_files_dev_and_test_items(office_raw, co
     from recbole.data import data_preparation
 
     from recbole_mm.config import Config
-    from recbole_mm.utils import create_dataset
+    from recbole_mm.data import create_dataset
 
     root, _, _ = converted_office
     config = Config("SASRec", "Office", config_dict={

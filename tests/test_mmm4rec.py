@@ -11,6 +11,8 @@ import yaml
 from recbole.data.interaction import Interaction
 
 from tests.conftest import scientific_slice_config, write_scientific_slice, write_timestamped_dataset
+from recbole_mm.model.layers import ssd as ssd_module
+from recbole_mm.model.layers.ssd import CausalDepthwiseConv1d, segment_sum
 from recbole_mm.model.mmm4rec import DualChannelFourierFilter, TiSSD, masked_sequence_layer_norm
 from recbole_mm.quick_start import build
 from recbole_mm.quick_start.transfer import load_pretrained, parse_dataset_list
@@ -112,21 +114,71 @@ def test_fourier_filter_shapes_real_output_and_dense_dft_definition(length):
     assert torch.all(module(query * mask, key * mask, mask)[..., length - 3:] == 0)
 
 
+# ------------------------------------------------------------------ the fast CPU paths compute what the reference paths do
+def ssd_quadratic_before_speedup(x, delta, A, B, C, D=None):
+    """ssd_quadratic as it was before the CPU speed work (einsum over repeated groups, skip added after)."""
+    heads = x.shape[2]
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    xf, deltaf = x.to(dtype), delta.to(dtype)
+    Bh = B.to(dtype).repeat_interleave(heads // B.shape[2], dim=2)
+    Ch = C.to(dtype).repeat_interleave(heads // C.shape[2], dim=2)
+    decay_mask = torch.exp(segment_sum((deltaf * A.to(dtype)).transpose(1, 2)))
+    scores = torch.einsum("bthn,bshn->bhts", Ch, Bh) * decay_mask
+    y = torch.einsum("bhts,bshp->bthp", scores, xf * deltaf[..., None])
+    if D is not None:
+        y = y + D.to(dtype)[:, None] * deltaf[..., None] * xf
+    return y.to(x.dtype)
+
+
+@pytest.mark.parametrize("n_groups", [1, 4])
+def test_training_step_outputs_and_gradients_equal_the_reference_paths(time_model, monkeypatch, n_groups):
+    """Train mode (dropout on, same seed), time path on: loss, scores and every gradient of the fast
+    paths (shifted conv, grouped quadratic SSD) equal the pre-speed-up implementation (F.conv1d,
+    einsum SSD) in float64."""
+    _, (train_data, _, _), model = time_model(n_groups=n_groups, hidden_size=16, head_dim=4)
+    assert model.is_time and model.n_heads == 8
+    model = model.double().train()
+    interaction = next(iter(train_data)).to(model.device)
+    interaction.interaction = {k: v.double() if v.is_floating_point() else v for k, v in interaction.interaction.items()}
+    for name in ("item_feature_text", "item_feature_image"):
+        setattr(model, name, getattr(model, name).double())
+
+    def loss_and_grads():
+        model.zero_grad()
+        torch.manual_seed(7)
+        loss = model.calculate_loss(interaction)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    fast_loss, fast_grads = loss_and_grads()
+    convs = [m for m in model.modules() if isinstance(m, CausalDepthwiseConv1d)]
+    assert convs and all(m.impl == "auto" for m in convs)
+    for module in convs:
+        monkeypatch.setattr(module, "impl", "torch")
+    monkeypatch.setattr(ssd_module, "ssd_quadratic", ssd_quadratic_before_speedup)
+    reference_loss, reference_grads = loss_and_grads()
+    torch.testing.assert_close(fast_loss, reference_loss, rtol=1e-10, atol=1e-10)
+    for name, grad in reference_grads.items():
+        torch.testing.assert_close(fast_grads[name], grad, rtol=1e-8, atol=1e-10, msg=name)
+
+
 # ------------------------------------------------------------------ the time path does not leak
 def test_prediction_ignores_padding_and_target_timestamp(time_model):
     config, (train_data, _, test_data), model = time_model()
     assert model.is_time
-    interaction = next(iter(test_data))[0]
+    interaction = next(iter(test_data))[0].to(model.device)
     items, times = interaction["item_id_list"], interaction["timestamp_list"]
     lengths = interaction["item_length"]
     assert items.shape[1] == 10 and bool((lengths < 10).all())
-    padding = torch.arange(10)[None, :] >= lengths[:, None]
+    padding = torch.arange(10, device=model.device)[None, :] >= lengths[:, None]
     with torch.no_grad():
         reference = model.full_sort_predict(interaction)
         changed = Interaction({key: value.clone() for key, value in interaction.interaction.items()})
         gen = torch.Generator().manual_seed(0)
-        changed.interaction["item_id_list"] = torch.where(padding, torch.randint(1, model.n_items, items.shape, generator=gen), items)
-        changed.interaction["timestamp_list"] = torch.where(padding, torch.rand(times.shape, generator=gen) * 3e6, times)
+        noise_items = torch.randint(1, model.n_items, items.shape, generator=gen).to(model.device)
+        noise_times = (torch.rand(times.shape, generator=gen) * 3e6).to(model.device)
+        changed.interaction["item_id_list"] = torch.where(padding, noise_items, items)
+        changed.interaction["timestamp_list"] = torch.where(padding, noise_times, times)
         changed.interaction["timestamp"] = interaction["timestamp"] * 0 + 9.9e9
         torch.testing.assert_close(model.full_sort_predict(changed), reference, rtol=1e-5, atol=1e-5)
         # The time path is live: moving one real timestamp does change the prediction.
@@ -138,7 +190,7 @@ def test_prediction_ignores_padding_and_target_timestamp(time_model):
 
 def test_leak_switch_reproduces_the_official_target_timestamp_leak(time_model):
     _, (_, _, test_data), model = time_model(leak_target_timestamp=True)
-    interaction = next(iter(test_data))[0]
+    interaction = next(iter(test_data))[0].to(model.device)
     with torch.no_grad():
         reference = model.full_sort_predict(interaction)
         interaction.interaction["timestamp"] = interaction["timestamp"] + 7e5
@@ -157,8 +209,10 @@ def test_longer_rows_are_cut_to_their_last_max_len_items(time_model):
         start = max(0, n - 4)
         expected_items[row, : n - start] = items[row, start:n]
         expected_times[row, : n - start] = times[row, start:n]
+    on = lambda *tensors: [t.to(model.device) for t in tensors]  # noqa: E731
     with torch.no_grad():
-        torch.testing.assert_close(model(items, lengths, times), model(expected_items, lengths.clamp(max=4), expected_times))
+        torch.testing.assert_close(model(*on(items, lengths, times)),
+                                   model(*on(expected_items, lengths.clamp(max=4), expected_times)))
 
 
 # ------------------------------------------------------------------ ablation switches and losses
@@ -168,7 +222,7 @@ def test_shared_alignment_ssd_runs_on_both_streams_and_separate_switch_adds_one_
     layer = shared.layers[0]
     calls = []
     layer.alignment_ssd.register_forward_hook(lambda module, args, out: calls.append(args[0].data_ptr()))
-    interaction = next(iter(train_data))
+    interaction = next(iter(train_data)).to(shared.device)
     with torch.no_grad():
         shared.calculate_loss(interaction)
     assert len(calls) == 2 and calls[0] != calls[1]  # once on the key stream, once on the query stream
@@ -179,7 +233,7 @@ def test_shared_alignment_ssd_runs_on_both_streams_and_separate_switch_adds_one_
 
 def test_in_batch_loss_against_per_row_softmax_without_duplicate_negatives(time_model):
     _, (train_data, _, _), model = time_model(in_batch_loss=True)
-    interaction = next(iter(train_data))
+    interaction = next(iter(train_data)).to(model.device)
     targets = interaction["item_id"].clone()
     targets[1] = targets[0]  # a duplicate target
     interaction.interaction["item_id"] = targets
@@ -215,8 +269,10 @@ def test_transfer_drops_exactly_the_domain_specific_keys(scientific_dir, in_tmp_
     with torch.no_grad():
         for parameter in source.parameters():
             parameter.add_(torch.randn_like(parameter))
+    target_device = next(target.parameters()).device
     path = in_tmp_cwd / "source.pth"
     torch.save({"config": {"model": "MMM4Rec"}, "state_dict": source.state_dict()}, path)
+    assert target_device == next(source.parameters()).device
     target_bias_before = {k: v.clone() for k, v in target.item_modality_bias.items()}
 
     report = load_pretrained(target, path)

@@ -1,4 +1,11 @@
-"""The SSD core: every implementation equals the naive recurrence; causality; companion layers."""
+"""The SSD core: every implementation equals the naive recurrence; causality; companion layers.
+
+GPU tests (mamba-ssm / causal-conv1d kernels) run on CUDA machines; a kernel package that is installed
+but does not import fails them, and RECBOLE_MM_REQUIRE_KERNELS=1 also fails them where CUDA or the
+kernels are absent (set by benchmarks/gpu_check.sh).
+"""
+import logging
+import os
 
 import pytest
 import torch
@@ -85,6 +92,33 @@ def test_chunked_equals_quadratic_at_length_200():
                                    rtol=1e-6, atol=1e-6)
 
 
+def ssd_quadratic_before_speedup(x, delta, A, B, C, D=None):
+    """ssd_quadratic before the CPU speed work: einsums over repeated groups, the skip added after."""
+    heads = x.shape[2]
+    Bh, Ch = B.repeat_interleave(heads // B.shape[2], dim=2), C.repeat_interleave(heads // C.shape[2], dim=2)
+    decay_mask = torch.exp(ssd_mod.segment_sum((delta * A).transpose(1, 2)))
+    scores = torch.einsum("bthn,bshn->bhts", Ch, Bh) * decay_mask
+    y = torch.einsum("bhts,bshp->bthp", scores, x * delta[..., None])
+    return y if D is None else y + D[:, None] * delta[..., None] * x
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4])
+@pytest.mark.parametrize("use_D", [False, True])
+def test_quadratic_outputs_and_gradients_equal_the_pre_speedup_form(groups, use_D):
+    inputs = random_inputs(20, heads=4, groups=groups, seed=groups)
+    if not use_D:
+        inputs[-1] = None
+    results = []
+    for fn in (ssd_quadratic, ssd_quadratic_before_speedup):
+        leaves = [t.clone().requires_grad_(True) if t is not None else None for t in inputs]
+        out = fn(*leaves)
+        (out * torch.cos(out)).sum().backward()
+        results.append((out, [t.grad for t in leaves if t is not None]))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-12, atol=1e-12)
+    for got, expected in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
 def test_gradients_agree_between_paths():
     inputs = random_inputs(19, seed=19)
     grads = []
@@ -144,6 +178,72 @@ def test_causal_conv_matches_direct_sum():
     torch.testing.assert_close(causal_depthwise_conv1d(x, weight, bias, "silu", impl="torch"), expected)
 
 
+def conv1d_reference(x, weight, bias, activation):
+    """The F.conv1d form (the implementation before the shifted one), channels first."""
+    out = F.conv1d(F.pad(x, (weight.shape[-1] - 1, 0)), weight.unsqueeze(1), bias, groups=x.shape[1])
+    return F.silu(out) if activation == "silu" else out
+
+
+@pytest.mark.parametrize("width", [1, 2, 4, 5])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_shifted_conv_outputs_and_gradients_equal_conv1d(width, channels_last, use_bias):
+    gen = torch.Generator().manual_seed(width)
+    x = torch.randn(3, 6, 11, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(6, width, generator=gen, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(6, generator=gen, dtype=torch.float64, requires_grad=True) if use_bias else None
+    leaves = [t for t in (x, weight, bias) if t is not None]
+    results = []
+    for impl in ("shifted", "reference"):
+        if impl == "reference":
+            out = conv1d_reference(x, weight, bias, "silu")
+        else:
+            given = x.transpose(1, 2) if channels_last else x  # a strided view, as a projection's slice
+            out = causal_depthwise_conv1d(given, weight, bias, "silu", impl=impl, channels_last=channels_last)
+            out = out.transpose(1, 2) if channels_last else out
+        results.append((out, torch.autograd.grad((out * torch.cos(out)).sum(), leaves)))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-12, atol=1e-12)
+    for got, expected in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_conv_auto_on_cpu_is_shifted_and_kernel_limits_are_respected():
+    x = torch.randn(2, 3, 9)
+    weight = torch.randn(3, 4)
+    torch.testing.assert_close(causal_depthwise_conv1d(x, weight, None, None, impl="auto"),
+                               causal_depthwise_conv1d(x, weight, None, None, impl="torch"))
+    assert not ssd_mod.causal_conv1d_kernel_supports(x, 4)  # CPU tensors never go to the kernel
+    with pytest.raises(RuntimeError, match="width 2..4"):
+        causal_depthwise_conv1d(x, weight, impl="causal_conv1d")
+    with pytest.raises(ValueError, match="conv impl must be one of"):
+        causal_depthwise_conv1d(x, weight, impl="cudnn")
+
+
+def fake_failed_import(monkeypatch, error):
+    monkeypatch.setattr(ssd_mod, "_import_kernel", lambda package: (None, error))
+    monkeypatch.setattr(ssd_mod, "kernel_package_installed", lambda package: True)
+    fallback = ssd_mod._fall_back_on_cuda.__wrapped__  # uncached: every call decides afresh
+    monkeypatch.setattr(ssd_mod, "_fall_back_on_cuda", fallback)
+    return fallback
+
+
+def test_failed_kernel_import_is_kept_logged_and_chained(monkeypatch, caplog):
+    error = ImportError("selective_scan_cuda: undefined symbol")
+    fallback = fake_failed_import(monkeypatch, error)
+    monkeypatch.delenv(ssd_mod.REQUIRE_KERNELS_ENV, raising=False)
+    with caplog.at_level(logging.WARNING, logger=ssd_mod.__name__):
+        fallback("mamba_ssm")
+    assert "installed but does not import" in caplog.text and "undefined symbol" in caplog.text
+    x, delta, A, B, C, D = random_inputs(6)
+    with pytest.raises(RuntimeError, match="mamba-ssm") as raised:
+        ssd(x, delta, A, B, C, D, impl="mamba_ssm")
+    assert raised.value.__cause__ is error
+    monkeypatch.setenv(ssd_mod.REQUIRE_KERNELS_ENV, "1")
+    with pytest.raises(RuntimeError, match="RECBOLE_MM_REQUIRE_KERNELS=1") as raised:
+        fallback("mamba_ssm")
+    assert raised.value.__cause__ is error
+
+
 def test_gated_rmsnorm_matches_formula():
     gen = torch.Generator().manual_seed(2)
     y, z = torch.randn(2, 5, 6, generator=gen), torch.randn(2, 5, 6, generator=gen)
@@ -155,22 +255,51 @@ def test_gated_rmsnorm_matches_formula():
     torch.testing.assert_close(norm(y, z), expected, rtol=1e-5, atol=1e-6)
 
 
-requires_kernels = pytest.mark.skipif(
-    not (torch.cuda.is_available() and ssd_mod.mamba_chunk_scan_kernel() is not None),
-    reason="needs CUDA and mamba-ssm",
-)
+def kernel_or_skip(package):
+    """The kernel function on CUDA. Skip where CUDA or the package is absent; fail where the package is
+    installed but does not import (a broken build must not look green) or under RECBOLE_MM_REQUIRE_KERNELS=1."""
+    required = os.environ.get(ssd_mod.REQUIRE_KERNELS_ENV) == "1"
+    if not torch.cuda.is_available():
+        if required:
+            pytest.fail(f"{ssd_mod.REQUIRE_KERNELS_ENV}=1 but CUDA is not available")
+        pytest.skip("needs CUDA")
+    function, error = ssd_mod._import_kernel(package)
+    if function is None:
+        if required or ssd_mod.kernel_package_installed(package):
+            pytest.fail(f"{package} does not import: {error!r}")
+        pytest.skip(f"needs {package}")
+    return function
 
 
-@requires_kernels
+def assert_close_relative_to_max(got, expected, fraction):
+    """|got - expected| <= fraction * max|expected|: fp32 Triton dots run in TF32 (10-bit mantissa)."""
+    scale = expected.abs().max().clamp(min=1e-6)
+    error = (got.float() - expected.float()).abs().max()
+    assert error <= fraction * scale, f"max error {error:.3g} > {fraction} * max |expected| {scale:.3g}"
+
+
 @pytest.mark.parametrize("length", [20, 37, 200])
 @pytest.mark.parametrize("use_D", [False, True])
-def test_mamba_kernel_equals_torch_path(length, use_D):
-    x, delta, A, B, C, D = (t.float() for t in random_inputs(length, heads=8, head_dim=16, groups=8, d_state=16,
-                                                              seed=length, device="cuda"))
+@pytest.mark.parametrize("groups", [8, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mamba_kernel_equals_torch_path_outputs_and_gradients(length, use_D, groups, dtype):
+    kernel_or_skip("mamba_ssm")
+    x, delta, A, B, C, D = (t.float() for t in random_inputs(length, heads=8, head_dim=16, groups=groups,
+                                                              d_state=16, seed=length, device="cuda"))
+    assert ssd_mod.resolve_ssd_impl("auto", x) == "mamba_ssm"
     D = D if use_D else None
-    kernel = ssd(x, delta, A, B, C, D, chunk_size=32, impl="mamba_ssm")
-    reference = ssd(x, delta, A, B, C, D, chunk_size=32, impl="torch_chunked")
-    torch.testing.assert_close(kernel, reference, rtol=2e-3, atol=2e-3)
+    inputs = [t.to(dtype) for t in (x, delta, B, C)]
+    results = []
+    for impl in ("mamba_ssm", "torch_chunked"):
+        leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+        xi, deltai, Bi, Ci = leaves
+        out = ssd(xi, deltai, A, Bi, Ci, D, chunk_size=32, impl=impl)
+        out.float().pow(2).sum().backward()
+        results.append((out, [t.grad for t in leaves]))
+    fraction = 2e-2 if dtype == torch.float32 else 6e-2
+    assert_close_relative_to_max(results[0][0], results[1][0], fraction)
+    for got, expected in zip(results[0][1], results[1][1]):
+        assert_close_relative_to_max(got, expected, fraction)
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and ssd_mod.causal_conv1d_kernel() is not None),
@@ -240,3 +369,29 @@ def test_causal_conv_module_uses_conv1d_init_and_the_direct_sum(bias):
         torch.testing.assert_close(module(x), expected)
         plain = CausalDepthwiseConv1d(4, 3, bias=bias, activation=None)
         torch.testing.assert_close(plain(x), direct_causal_conv(x, plain.weight, plain.bias))
+@pytest.mark.parametrize("width", [2, 3, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_causal_conv1d_kernel_equals_torch_path_outputs_and_gradients(width, dtype):
+    kernel_or_skip("causal_conv1d")
+    x = torch.randn(2, 20, 16, device="cuda", dtype=dtype)
+    weight, bias = torch.randn(16, width, device="cuda", dtype=dtype), torch.randn(16, device="cuda", dtype=dtype)
+    assert ssd_mod.causal_conv1d_kernel_supports(x, width)
+    results = []
+    for impl in ("causal_conv1d", "torch"):
+        leaves = [t.clone().requires_grad_(True) for t in (x, weight, bias)]
+        out = causal_depthwise_conv1d(leaves[0], leaves[1], leaves[2], "silu", impl=impl, channels_last=True)
+        out.float().pow(2).sum().backward()
+        results.append((out, [t.grad for t in leaves]))
+    fraction = 1e-4 if dtype == torch.float32 else 2e-2
+    assert_close_relative_to_max(results[0][0], results[1][0], fraction)
+    for got, expected in zip(results[0][1], results[1][1]):
+        assert_close_relative_to_max(got, expected, fraction)
+
+
+def test_conv_auto_on_cuda_keeps_unsupported_widths_in_torch():
+    kernel_or_skip("causal_conv1d")
+    x = torch.randn(2, 20, 16, device="cuda")
+    weight = torch.randn(16, 5, device="cuda")
+    assert not ssd_mod.causal_conv1d_kernel_supports(x, 5)
+    torch.testing.assert_close(causal_depthwise_conv1d(x, weight, impl="auto", channels_last=True),
+                               causal_depthwise_conv1d(x, weight, impl="torch", channels_last=True))

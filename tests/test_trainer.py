@@ -234,3 +234,20 @@ def test_clip_grad_norm_scales_the_whole_gradient(slice_root):
     for name, parameter in model.named_parameters():
         expected = before[name] - 0.1 * gradients.get(name, torch.zeros_like(parameter)) * 0.05 / (norm + 1e-6)
         torch.testing.assert_close(parameter.detach(), expected, rtol=1e-4, atol=1e-7, msg=name)
+def test_mixed_precision_is_checked_and_cpu_runs_are_refused(slice_root):
+    with pytest.raises(RecboleMMError, match="mixed_precision: 'fp8' is not known"):
+        build_slice(slice_root, mixed_precision="fp8")
+    if not torch.cuda.is_available():
+        with pytest.raises(RecboleMMError, match="needs a CUDA device"):
+            build_slice(slice_root, mixed_precision="bf16", use_gpu=False)
+    _, _, _, trainer = build_slice(slice_root)
+    assert trainer.autocast_dtype is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bf16_autocast_trains_one_epoch_on_cuda(slice_root):
+    _, (train, _, _), model, trainer = build_slice(slice_root, "MMM4Rec", mixed_precision="bf16", hidden_size=16,
+                                                   inner_size=32, d_state=8, head_dim=8, n_groups=2, train_batch_size=64)
+    assert trainer.autocast_dtype == torch.bfloat16
+    loss = trainer._train_epoch(train, 0)
+    assert math.isfinite(loss)

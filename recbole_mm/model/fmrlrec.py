@@ -138,7 +138,7 @@ class FMRLRec(MultimodalSequentialRecommender):
     def item_table(self) -> torch.Tensor:
         """(n_items, d): input embeddings and scoring table, recomputed from the frozen features."""
         if self.modalities:
-            return self.feature_projection(self.concatenated_features())
+            return self.projected_features(self.feature_projection)
         return self.item_embedding.weight
 
     def encode(

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recbole_mm.model.abstract import MultimodalSequentialRecommender
-from recbole_mm.model.layers.ssd import CausalDepthwiseConv1d, GatedRMSNorm, SSD_IMPLS, ssd
+from recbole_mm.model.layers.ssd import CONV_IMPLS, SSD_IMPLS, CausalDepthwiseConv1d, GatedRMSNorm, ssd
 from recbole_mm.utils import RecboleMMError
 
 logger = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ class TimeAwareStep(nn.Module):
     zero at padded positions.
     """
 
-    def __init__(self, n_heads, max_len, d_conv, time_dropout_prob):
+    def __init__(self, n_heads, max_len, d_conv, time_dropout_prob, conv_impl):
         super().__init__()
         self.time_scale = nn.Sequential(
             nn.Dropout(time_dropout_prob),
@@ -67,8 +67,8 @@ class TimeAwareStep(nn.Module):
             nn.Linear(max_len, max_len),
             nn.Tanhshrink(),
         )
-        self.conv1 = CausalDepthwiseConv1d(n_heads, d_conv, activation="silu")
-        self.conv2 = CausalDepthwiseConv1d(n_heads, d_conv, activation="silu")
+        self.conv1 = CausalDepthwiseConv1d(n_heads, d_conv, activation="silu", impl=conv_impl)
+        self.conv2 = CausalDepthwiseConv1d(n_heads, d_conv, activation="silu", impl=conv_impl)
 
     def forward(self, time, mask):
         scaled = time * self.time_scale(time) * mask
@@ -89,7 +89,7 @@ class SSDParameters(nn.Module):
     def scan(self, x, dt, B, C, chunk_size, impl):
         """y = SSD(x, softplus(dt + dt_bias), -exp(A_log), B, C, D) with skip D * delta * x (design §5)."""
         delta = F.softplus(dt + self.dt_bias)
-        return ssd(x, delta, -torch.exp(self.A_log.float()), B, C, self.D, chunk_size=chunk_size, impl=impl)
+        return ssd(x, delta, -torch.exp(self.A_log), B, C, self.D, chunk_size=chunk_size, impl=impl)
 
 
 class _TimeAwareSSDBlock(nn.Module):
@@ -97,20 +97,20 @@ class _TimeAwareSSDBlock(nn.Module):
     norm and projection, and the time-modulated step. Subclasses build their own input projections
     before calling ``build_scan_head`` (that order keeps parameter initialisation reproducible)."""
 
-    def __init__(self, d_model, d_state, n_groups, expand, head_dim, chunk_size, is_time, ssd_impl):
+    def __init__(self, d_model, d_state, n_groups, expand, head_dim, chunk_size, is_time, ssd_impl, conv_impl):
         super().__init__()
         self.d_inner = expand * d_model
         self.head_dim = head_dim
         self.n_heads = self.d_inner // head_dim
         self.n_groups, self.d_state = n_groups, d_state
-        self.chunk_size, self.ssd_impl, self.is_time = chunk_size, ssd_impl, is_time
+        self.chunk_size, self.ssd_impl, self.conv_impl, self.is_time = chunk_size, ssd_impl, conv_impl, is_time
 
     def build_scan_head(self, d_model, max_len, d_conv, time_dropout_prob, norm_eps):
         self.params = SSDParameters(self.n_heads)
         self.norm = GatedRMSNorm(self.d_inner, eps=norm_eps)
         self.out_proj = nn.Linear(self.d_inner, d_model)
         if self.is_time:
-            self.time_step = TimeAwareStep(self.n_heads, max_len, d_conv, time_dropout_prob)
+            self.time_step = TimeAwareStep(self.n_heads, max_len, d_conv, time_dropout_prob, self.conv_impl)
 
     def scan_and_project(self, x, dt, B, C, z):
         batch, length, _ = x.shape
@@ -130,11 +130,12 @@ class TiSSD(_TimeAwareSSDBlock):
     """
 
     def __init__(self, d_model, max_len, d_state, n_groups, d_conv, expand, head_dim, chunk_size,
-                 time_dropout_prob, norm_eps, is_time, ssd_impl):
-        super().__init__(d_model, d_state, n_groups, expand, head_dim, chunk_size, is_time, ssd_impl)
+                 time_dropout_prob, norm_eps, is_time, ssd_impl, conv_impl):
+        super().__init__(d_model, d_state, n_groups, expand, head_dim, chunk_size, is_time, ssd_impl, conv_impl)
         bc_size = 2 * n_groups * d_state
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner + bc_size + self.n_heads)  # [z | x B C | dt]
-        self.conv = CausalDepthwiseConv1d(self.d_inner + bc_size, d_conv, activation="silu")
+        self.conv = CausalDepthwiseConv1d(self.d_inner + bc_size, d_conv, activation="silu", impl=conv_impl,
+                                          channels_last=True)
         self.build_scan_head(d_model, max_len, d_conv, time_dropout_prob, norm_eps)
         if is_time:
             self.time_gate = nn.Sequential(nn.Dropout(time_dropout_prob), nn.Linear(max_len, 1), nn.Sigmoid())
@@ -143,7 +144,7 @@ class TiSSD(_TimeAwareSSDBlock):
     def forward(self, u, time, mask):
         z, xBC, dt = self.in_proj(u).split([self.d_inner, self.d_inner + 2 * self.n_groups * self.d_state,
                                             self.n_heads], dim=-1)
-        xBC = self.conv(xBC.transpose(1, 2)).transpose(1, 2)
+        xBC = self.conv(xBC)
         x, B, C = xBC.split([self.d_inner, self.n_groups * self.d_state, self.n_groups * self.d_state], dim=-1)
         if self.is_time:
             tau = self.time_step(time, mask)  # (B, H, L)
@@ -162,21 +163,21 @@ class TiCoSSD(_TimeAwareSSDBlock):
     """
 
     def __init__(self, d_model, max_len, d_state, n_groups, d_conv, expand, head_dim, chunk_size,
-                 time_dropout_prob, norm_eps, is_time, ssd_impl):
-        super().__init__(d_model, d_state, n_groups, expand, head_dim, chunk_size, is_time, ssd_impl)
+                 time_dropout_prob, norm_eps, is_time, ssd_impl, conv_impl):
+        super().__init__(d_model, d_state, n_groups, expand, head_dim, chunk_size, is_time, ssd_impl, conv_impl)
         bc_size = n_groups * d_state
         self.key_proj = nn.Linear(d_model, self.d_inner + bc_size + self.n_heads)  # [x | B | dt]
         self.gate_proj = nn.Linear(d_model, self.d_inner)
         self.query_proj = nn.Linear(d_model, bc_size)  # C
-        self.key_conv = CausalDepthwiseConv1d(self.d_inner + bc_size, d_conv, activation="silu")
-        self.query_conv = CausalDepthwiseConv1d(bc_size, d_conv, activation="silu")
+        self.key_conv = CausalDepthwiseConv1d(self.d_inner + bc_size, d_conv, activation="silu", impl=conv_impl,
+                                              channels_last=True)
+        self.query_conv = CausalDepthwiseConv1d(bc_size, d_conv, activation="silu", impl=conv_impl, channels_last=True)
         self.build_scan_head(d_model, max_len, d_conv, time_dropout_prob, norm_eps)
 
     def forward(self, key, query, time, mask):
         xB, dt = self.key_proj(key).split([self.d_inner + self.n_groups * self.d_state, self.n_heads], dim=-1)
-        x, B = self.key_conv(xB.transpose(1, 2)).transpose(1, 2).split(
-            [self.d_inner, self.n_groups * self.d_state], dim=-1)
-        C = self.query_conv(self.query_proj(query).transpose(1, 2)).transpose(1, 2)
+        x, B = self.key_conv(xB).split([self.d_inner, self.n_groups * self.d_state], dim=-1)
+        C = self.query_conv(self.query_proj(query))
         z = self.gate_proj(query + key)
         if self.is_time:
             dt = dt * self.time_step(time, mask).transpose(1, 2)
@@ -212,8 +213,8 @@ class DualChannelFourierFilter(nn.Module):
         self.fusion_filter = ComplexLinear(bins)
 
     def forward(self, query_time, key_time, mask):
-        query_spectrum = torch.fft.rfft(query_time.float(), dim=-1, norm="ortho")
-        key_spectrum = torch.fft.rfft(key_time.float(), dim=-1, norm="ortho")
+        query_spectrum = torch.fft.rfft(query_time.to(torch.promote_types(query_time.dtype, torch.float32)), dim=-1, norm="ortho")
+        key_spectrum = torch.fft.rfft(key_time.to(torch.promote_types(key_time.dtype, torch.float32)), dim=-1, norm="ortho")
         fused = (query_spectrum * self.query_filter(query_spectrum)
                  + key_spectrum * self.key_filter(key_spectrum))
         fused_time = torch.fft.irfft(self.fusion_filter(fused), n=self.max_len, dim=-1, norm="ortho")
@@ -305,6 +306,8 @@ class MMM4Rec(MultimodalSequentialRecommender):
                                  f"({n_groups}).")
         if config["ssd_impl"] not in SSD_IMPLS:
             raise RecboleMMError(f"MMM4Rec: ssd_impl must be one of {SSD_IMPLS}, got {config['ssd_impl']!r}.")
+        if config["conv_impl"] not in CONV_IMPLS:
+            raise RecboleMMError(f"MMM4Rec: conv_impl must be one of {CONV_IMPLS}, got {config['conv_impl']!r}.")
 
         self.is_time = bool(config["is_time"])
         if self.is_time and not self.has_timestamps:
@@ -337,6 +340,7 @@ class MMM4Rec(MultimodalSequentialRecommender):
                 is_time=self.is_time, max_len=self.max_seq_length, d_state=config["d_state"], n_groups=n_groups,
                 d_conv=config["d_conv"], expand=expand, head_dim=head_dim, chunk_size=config["chunk_size"],
                 time_dropout_prob=config["time_dropout_prob"], ssd_impl=config["ssd_impl"],
+                conv_impl=config["conv_impl"],
             )
             for _ in range(self.num_layers)
         ])
@@ -406,11 +410,11 @@ class MMM4Rec(MultimodalSequentialRecommender):
         key_time = query_time = None
         time_mask = real
         if self.is_time:
-            timestamps = timestamps.float()
+            timestamps = timestamps.to(key.dtype)  # float32 in training; float64 in equality tests
             if self.leak_target_timestamp:
                 # Reproduces the official loader: the target's time sits right after the last item.
                 at_target = (positions[None, :] == item_seq_len[:, None])
-                timestamps = torch.where(at_target, target_timestamp.float()[:, None], timestamps)
+                timestamps = torch.where(at_target, target_timestamp.to(key.dtype)[:, None], timestamps)
                 time_mask = real | at_target
             time_mask = time_mask.to(key.dtype)
             key_time = self.time_signal(timestamps, time_mask)
@@ -443,7 +447,7 @@ class MMM4Rec(MultimodalSequentialRecommender):
         user = self._user(interaction)
         targets = interaction[self.POS_ITEM_ID]
         if not self.in_batch_loss:
-            return self.loss_fct(self.scores(user), targets)  # eq. 20: CE over all items
+            return self.loss_fct(self.scores(user), targets)  # eq. 20: CE over all items (gradients need them at once)
         # eq. 21: in-batch CE, S_jk = s(u_j, target_k), positives on the diagonal.
         logits = self.scores(user, targets)
         if self.mask_in_batch_duplicates:
@@ -459,4 +463,4 @@ class MMM4Rec(MultimodalSequentialRecommender):
         return ((user * key_table).sum(-1) + (user * query_table).sum(-1)) / self.temperature
 
     def full_sort_predict(self, interaction):
-        return self.scores(self._user(interaction))
+        return self.scores_in_item_chunks(self._user(interaction), self.scores)

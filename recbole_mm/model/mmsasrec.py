@@ -59,7 +59,7 @@ class MMSASRec(MultimodalSequentialRecommender):
         """(n_items, hidden): the scoring table, recomputed each forward from the frozen features."""
         table = 0
         if self.modalities:
-            table = self.feature_projection(self.feature_dropout(self.concatenated_features()))
+            table = self.projected_features(lambda features: self.feature_projection(self.feature_dropout(features)))
         if self.use_id_embedding:
             table = table + self.item_embedding.weight
         return table

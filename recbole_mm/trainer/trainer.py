@@ -241,6 +241,8 @@ class MMTrainer(DistributedTrainingMixin, SafeCheckpointMixin, Trainer):
       an unknown name is an error instead of RecBole's silent fallback to Adam;
     - ``gradient_accumulation_steps``; ``clip_grad_norm`` (RecBole's key);
     - ``lr_scheduler``: ``warmup_cosine`` | ``warmup_linear`` with ``warmup_steps`` (optimizer steps);
+    - ``mixed_precision``: ``bf16`` | ``fp16`` autocast of training forward passes on CUDA (fp16 without a
+      gradient scaler: prefer bf16);
     - stages: a model with ``training_stages()`` and ``enter_stage(stage)`` is trained stage after
       stage, each with a fresh optimizer over the parameters that stage leaves trainable.
     """
@@ -275,6 +277,19 @@ class MMTrainer(DistributedTrainingMixin, SafeCheckpointMixin, Trainer):
         self.scheduler = None
         self.schedule_start_epoch = 0  # the first epoch of the run, or of the current stage
         self.stage_name = None
+        self.autocast_dtype = self._autocast_dtype(config["mixed_precision"])
+
+    def _autocast_dtype(self, mixed_precision):
+        """``mixed_precision``: ~ (off) | bf16 | fp16, CUDA only: training forward passes under torch.autocast."""
+        if mixed_precision in (None, False, "no", "none"):
+            return None
+        dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+        if mixed_precision not in dtypes:
+            raise RecboleMMError(f"mixed_precision: {mixed_precision!r} is not known; use bf16, fp16 or ~.")
+        if self.device.type != "cuda":
+            raise RecboleMMError(f"mixed_precision: {mixed_precision} needs a CUDA device (this run uses "
+                                 f"{self.device}); remove it for CPU runs.")
+        return dtypes[mixed_precision]
 
     def _build_optimizer(self, **kwargs):
         params = kwargs.pop("params", [p for p in self.model.parameters() if p.requires_grad])
@@ -346,8 +361,12 @@ class MMTrainer(DistributedTrainingMixin, SafeCheckpointMixin, Trainer):
             if not self.config["single_spec"]:
                 self.set_reduce_hook()
                 sync_loss = self.sync_grad_loss()
-            with torch.autocast(device_type=self.device.type, enabled=self.enable_amp):
-                losses = loss_func(interaction)
+            if self.autocast_dtype is not None:
+                with torch.autocast(device_type="cuda", dtype=self.autocast_dtype):
+                    losses = loss_func(interaction)
+            else:
+                with torch.autocast(device_type=self.device.type, enabled=self.enable_amp):
+                    losses = loss_func(interaction)
             if isinstance(losses, tuple):
                 loss = sum(losses)
                 loss_tuple = tuple(part.item() for part in losses)

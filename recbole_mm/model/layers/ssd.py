@@ -23,36 +23,76 @@ returns x's dtype.
 """
 
 import functools
+import importlib.util
+import logging
+import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 SSD_IMPLS = ("auto", "torch_quadratic", "torch_chunked", "mamba_ssm")
-CONV_IMPLS = ("auto", "torch", "causal_conv1d")
+CONV_IMPLS = ("auto", "torch", "shifted", "causal_conv1d")
+
+logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------
-# Optional CUDA kernels: imported lazily, any failure (CPU-only wheel, missing .so) means "absent".
+# Optional CUDA kernels, imported lazily. A failed import is kept (not swallowed): ``auto`` falls back
+# to torch with one logged warning on CUDA, an explicit request chains it into its error, and
+# RECBOLE_MM_REQUIRE_KERNELS=1 turns any CUDA fallback into an error (for GPU test runs).
 # ----------------------------------------------------------------------------------------------
+REQUIRE_KERNELS_ENV = "RECBOLE_MM_REQUIRE_KERNELS"
+
+
 @functools.lru_cache(maxsize=None)
+def _import_kernel(package):
+    """(function, None) when the kernel imports, (None, the exception) otherwise."""
+    try:
+        if package == "mamba_ssm":
+            # Released mamba-ssm imports its compiled selective_scan_cuda from mamba_ssm/__init__, even
+            # for the Triton SSD kernel: an ABI mismatch surfaces here as ImportError/OSError.
+            from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined as function
+        else:
+            from causal_conv1d import causal_conv1d_fn as function
+    except Exception as error:  # ImportError, or OSError/RuntimeError from a CUDA extension
+        return None, error
+    return function, None
+
+
 def mamba_chunk_scan_kernel():
     """mamba-ssm's ``mamba_chunk_scan_combined`` or None when it cannot be imported here."""
-    try:
-        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
-    except Exception:  # ImportError, or OSError/RuntimeError from a CUDA extension on a CPU box
-        return None
-    return mamba_chunk_scan_combined
+    return _import_kernel("mamba_ssm")[0]
+
+
+def mamba_import_error():
+    """The exception that importing mamba-ssm's SSD kernel raised here, or None."""
+    return _import_kernel("mamba_ssm")[1]
+
+
+def causal_conv1d_kernel():
+    """causal-conv1d's ``causal_conv1d_fn`` or None when it cannot be imported here."""
+    return _import_kernel("causal_conv1d")[0]
+
+
+def causal_conv1d_import_error():
+    return _import_kernel("causal_conv1d")[1]
+
+
+def kernel_package_installed(package):
+    """The package is on the path (whether or not its compiled parts import)."""
+    return importlib.util.find_spec(package) is not None
 
 
 @functools.lru_cache(maxsize=None)
-def causal_conv1d_kernel():
-    """causal-conv1d's ``causal_conv1d_fn`` or None when it cannot be imported here."""
-    try:
-        from causal_conv1d import causal_conv1d_fn
-    except Exception:
-        return None
-    return causal_conv1d_fn
+def _fall_back_on_cuda(package):
+    """Say once per package why a CUDA run uses the torch path; raise under RECBOLE_MM_REQUIRE_KERNELS=1."""
+    error = _import_kernel(package)[1]
+    reason = (f"{package} is not installed (pip install 'recbole-mm[cuda]', see docs/benchmarks.md)"
+              if not kernel_package_installed(package) else f"{package} is installed but does not import: {error!r}")
+    if os.environ.get(REQUIRE_KERNELS_ENV) == "1":
+        raise RuntimeError(f"{REQUIRE_KERNELS_ENV}=1 and {reason}") from error
+    logger.warning("CUDA tensors but %s; using the PyTorch path instead.", reason)
 
 
 def discretization_step(dt, dt_bias=None):
@@ -136,16 +176,26 @@ def ssd_naive(x, delta, A, B, C, D=None):
 # Fast pure-PyTorch forms.
 # ----------------------------------------------------------------------------------------------
 def ssd_quadratic(x, delta, A, B, C, D=None):
-    """Masked-attention form: Y_t = sum_{s<=t} (C_t . B_s) L_ts delta_s x_s (+ D delta_t x_t)."""
+    """Masked-attention form: Y_t = sum_{s<=t} (C_t . B_s) L_ts delta_s x_s + D delta_t x_t.
+
+    Laid out for batched matmuls on contiguous (batch, heads, L, .) tensors (a strided einsum makes
+    autograd copy per batch element); C . B once per group, shared by the group's heads; the skip
+    D delta_t x_t is D on the diagonal of the (L, L) score matrix, not another pass over x.
+    """
     _check_shapes(x, delta, A, B, C, D)
-    heads = x.shape[2]
+    batch, length, heads, _ = x.shape
+    groups = B.shape[2]
     dtype = _compute_dtype(x)
-    xf, deltaf = x.to(dtype), delta.to(dtype)
-    Bh, Ch = _groups_to_heads(B.to(dtype), heads), _groups_to_heads(C.to(dtype), heads)
-    decay_mask = torch.exp(segment_sum((deltaf * A.to(dtype)).transpose(1, 2)))  # (b, h, t, s)
-    scores = torch.einsum("bthn,bshn->bhts", Ch, Bh) * decay_mask
-    y = torch.einsum("bhts,bshp->bthp", scores, xf * deltaf[..., None])
-    return _skip(y, x, delta, D).to(x.dtype)
+    deltaf = delta.to(dtype)
+    Bg = B.to(dtype).transpose(1, 2).contiguous()  # (b, g, s, n)
+    Cg = C.to(dtype).transpose(1, 2).contiguous()  # (b, g, t, n)
+    decay_mask = torch.exp(segment_sum(deltaf.transpose(1, 2) * A.to(dtype)[:, None]))  # (b, h, t, s)
+    scores = (Cg @ Bg.transpose(-1, -2))[:, :, None] * decay_mask.view(batch, groups, heads // groups, length, length)
+    scores = scores.view(batch, heads, length, length)
+    if D is not None:
+        scores = scores + torch.diag_embed(D.to(dtype)[:, None].expand(heads, length))
+    x_in = (x.to(dtype) * deltaf[..., None]).transpose(1, 2).contiguous()  # (b, h, s, p)
+    return (scores @ x_in).transpose(1, 2).to(x.dtype)
 
 
 def ssd_chunked(x, delta, A, B, C, D=None, chunk_size=32):
@@ -211,7 +261,7 @@ def ssd_mamba_kernel(x, delta, A, B, C, D=None, chunk_size=32):
         raise RuntimeError(
             "ssd_impl=mamba_ssm needs CUDA tensors and the mamba-ssm package (pip install 'recbole-mm[cuda]'); "
             "use ssd_impl: auto or torch_chunked otherwise"
-        )
+        ) from mamba_import_error()
     _check_shapes(x, delta, A, B, C, D)
     y = kernel(
         x.contiguous(), delta.contiguous(), A.float().contiguous(), B.contiguous(), C.contiguous(),
@@ -225,7 +275,12 @@ def resolve_ssd_impl(impl, x):
     if impl not in SSD_IMPLS:
         raise ValueError(f"ssd_impl must be one of {SSD_IMPLS}, got {impl!r} (set it in the model yaml)")
     if impl == "auto":
-        return "mamba_ssm" if x.is_cuda and mamba_chunk_scan_kernel() is not None else "torch_chunked"
+        if not x.is_cuda:
+            return "torch_chunked"
+        if mamba_chunk_scan_kernel() is None:
+            _fall_back_on_cuda("mamba_ssm")
+            return "torch_chunked"
+        return "mamba_ssm"
     return impl
 
 
@@ -258,37 +313,110 @@ class GatedRMSNorm(nn.Module):
         return (normed * self.weight.float()).to(y.dtype)
 
 
-def causal_depthwise_conv1d(x, weight, bias=None, activation=None, impl="auto"):
+class _ShiftedCausalConv(torch.autograd.Function):
+    """Causal depthwise conv as ``width`` shifted multiply-adds over a (batch, L, channels) tensor.
+
+    Same sum as ``F.conv1d`` on the left-padded input; one pass per tap over contiguous memory instead
+    of oneDNN's depthwise kernel, whose single-thread backward is the slowest op of a MMM4Rec step.
+    Saves only the padded input for backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        length, width = x.shape[1], weight.shape[-1]
+        padded = F.pad(x, (0, 0, width - 1, 0))  # (b, L + width - 1, c), contiguous
+        out = torch.mul(padded[:, width - 1:], weight[:, width - 1])
+        if bias is not None:
+            out += bias
+        for tap in range(width - 1):
+            out.addcmul_(padded[:, tap:tap + length], weight[:, tap])
+        ctx.save_for_backward(padded, weight)
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        padded, weight = ctx.saved_tensors
+        length, width = grad.shape[1], weight.shape[-1]
+        grad = grad.contiguous()
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            # out[t] reads x[t - (width - 1) + tap]: x[s] collects grad[s + width - 1 - tap] * weight[tap].
+            grad_padded = F.pad(grad, (0, 0, 0, width - 1))
+            grad_x = torch.mul(grad_padded[:, :length], weight[:, width - 1])
+            for tap in range(width - 1):
+                shift = width - 1 - tap
+                grad_x.addcmul_(grad_padded[:, shift:shift + length], weight[:, tap])
+        if ctx.needs_input_grad[1]:
+            grad_weight = torch.stack(
+                [(grad * padded[:, tap:tap + length]).sum(dim=(0, 1)) for tap in range(width)], dim=-1)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad.sum(dim=(0, 1))
+        return grad_x, grad_weight, grad_bias
+
+
+def causal_conv1d_kernel_supports(x, width):
+    """causal-conv1d's kernel takes widths 2..4 and fp32/fp16/bf16 CUDA tensors; the rest stays in torch."""
+    return x.is_cuda and 2 <= width <= 4 and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+
+
+def causal_depthwise_conv1d(x, weight, bias=None, activation=None, impl="auto", channels_last=False):
     """Depthwise conv over time seeing only the past: x (batch, channels, L), weight (channels, k).
 
     out[:, c, t] = act( sum_j weight[c, j] * x[:, c, t - (k - 1) + j] + bias[c] ), x before 0 read as 0.
-    impl: torch | causal_conv1d (CUDA kernel) | auto (the kernel on CUDA when it imports).
+    ``channels_last``: x and the output are (batch, L, channels) instead (no transposes around a
+    projection's output).
+    impl: ``torch`` (F.conv1d, the reference) | ``shifted`` (one multiply-add per tap, fast on CPU) |
+    ``causal_conv1d`` (CUDA kernel) | ``auto`` (the kernel where it imports and supports the width and
+    dtype, else ``shifted``).
     """
     if impl not in CONV_IMPLS:
         raise ValueError(f"conv impl must be one of {CONV_IMPLS}, got {impl!r}")
     if activation not in (None, "silu"):
         raise ValueError(f"causal_depthwise_conv1d: activation must be None or 'silu', got {activation!r}")
-    kernel = causal_conv1d_kernel()
-    use_kernel = impl == "causal_conv1d" or (impl == "auto" and x.is_cuda and kernel is not None)
-    if use_kernel:
-        if kernel is None or not x.is_cuda:
-            raise RuntimeError("conv impl causal_conv1d needs CUDA tensors and the causal-conv1d package")
-        return kernel(x.contiguous(), weight.contiguous(), bias, activation=activation)
     width = weight.shape[-1]
-    out = F.conv1d(F.pad(x, (width - 1, 0)), weight.unsqueeze(1), bias, groups=x.shape[1])
+    if impl == "auto":
+        impl = "shifted"
+        if causal_conv1d_kernel_supports(x, width):
+            if causal_conv1d_kernel() is not None:
+                impl = "causal_conv1d"
+            else:
+                _fall_back_on_cuda("causal_conv1d")
+    if impl == "causal_conv1d":
+        kernel = causal_conv1d_kernel()
+        if kernel is None or not causal_conv1d_kernel_supports(x, width):
+            raise RuntimeError(
+                "conv impl causal_conv1d needs the causal-conv1d package and CUDA tensors of dtype fp32/fp16/bf16 "
+                f"with width 2..4 (got {x.device.type} {x.dtype}, width {width}); use conv_impl: auto"
+            ) from causal_conv1d_import_error()
+        channels_first = x.transpose(1, 2) if channels_last else x
+        # The kernel reads channel-last strides natively; any other layout goes contiguous.
+        if not (channels_last and channels_first.stride(1) == 1):
+            channels_first = channels_first.contiguous()
+        out = kernel(channels_first, weight.contiguous(), bias, activation=activation)
+        return out.transpose(1, 2) if channels_last else out
+    if impl == "shifted":
+        out = _ShiftedCausalConv.apply(x if channels_last else x.transpose(1, 2), weight, bias)
+        out = out if channels_last else out.transpose(1, 2)
+    else:
+        channels_first = x.transpose(1, 2) if channels_last else x
+        out = F.conv1d(F.pad(channels_first, (width - 1, 0)), weight.unsqueeze(1), bias, groups=weight.shape[0])
+        out = out.transpose(1, 2) if channels_last else out
     return F.silu(out) if activation == "silu" else out
 
 
 class CausalDepthwiseConv1d(nn.Module):
-    """Module form of ``causal_depthwise_conv1d`` on (batch, channels, L); nn.Conv1d's default init."""
+    """Module form of ``causal_depthwise_conv1d`` on (batch, channels, L) or, with ``channels_last``,
+    (batch, L, channels); nn.Conv1d's default init."""
 
-    def __init__(self, channels, kernel_size, bias=True, activation="silu", impl="auto"):
+    def __init__(self, channels, kernel_size, bias=True, activation="silu", impl="auto", channels_last=False):
         super().__init__()
         reference = nn.Conv1d(channels, channels, kernel_size, groups=channels, bias=bias)
         self.weight = nn.Parameter(reference.weight.detach().squeeze(1).clone())
         self.bias = nn.Parameter(reference.bias.detach().clone()) if bias else None
         self.activation = activation
         self.impl = impl
+        self.channels_last = channels_last
 
     def forward(self, x):
-        return causal_depthwise_conv1d(x, self.weight, self.bias, self.activation, self.impl)
+        return causal_depthwise_conv1d(x, self.weight, self.bias, self.activation, self.impl, self.channels_last)

@@ -1,0 +1,185 @@
+"""Training-step profile of each model on Scientific, against the machine's own GEMM speed.
+
+    python benchmarks/bench_profile.py [--quick] [--models SASRec MMSASRec FMRLRec MMM4Rec]
+                                       [--widths default 64] [--steps 3] [--output FILE.md]
+
+For every (model, width) pair, in a fresh process (so peak RSS is that configuration's own), with one
+torch thread:
+
+- step time: median CPU time of ``--steps`` training steps (forward, backward, optimiser step) after one
+  warm-up step. CPU time of one thread, not wall time: the number holds on a loaded, shared machine;
+- FLOPs of one step, counted by ``torch.utils.flop_counter.FlopCounterMode`` (matmuls, convolutions,
+  attention: the arithmetic a roofline counts; elementwise work is not counted);
+- achieved GFLOP/s = FLOPs / step time, and the same process's plain fp32 GEMM GFLOP/s (a
+  (20480 x 256) @ (256 x 1024) matmul, the shape of a projection over a 1024 x 20 batch), measured
+  right before the steps; their ratio is the fraction of the GEMM roofline the step reaches;
+- peak resident memory of the process; the five operators with the most self CPU time in one
+  profiled step (torch.profiler).
+
+"default" is the model's own yaml (MMM4Rec: the authors' d=256, batch 1024); "64" sets hidden size 64
+with the settings of ``bench_mmm4rec.py`` (inner size 128, batch 1024; MMM4Rec head_dim 16, 8 groups,
+d_state 32). Item lists are cut to their last 20 items for every model (MMM4Rec's max_len).
+``--quick``: SASRec and MMM4Rec only, 2 measured steps. Writes a markdown table to ``--output``
+(default benchmarks/results/profile_scientific.md) and prints it.
+"""
+import argparse
+import multiprocessing
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+RESULTS = Path(__file__).resolve().parent / "results"
+GEMM_SHAPE = (20480, 256, 1024)
+
+
+def gemm_gflops(clock, repeats=3):
+    """Best-of-``repeats`` fp32 GFLOP/s of one plain matmul of GEMM_SHAPE on this thread."""
+    import torch
+
+    m, k, n = GEMM_SHAPE
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = clock()
+        a @ b
+        best = min(best, clock() - start)
+    return 2 * m * k * n / best / 1e9
+
+
+def width_settings(model, width, batch_size):
+    from bench_mmm4rec import model_settings
+
+    if width == "default":
+        settings = {"SASRec": {"loss_type": "CE", "train_neg_sample_args": None}}.get(model, {})
+        return {**settings, **({"train_batch_size": batch_size} if batch_size else {})}
+    width = int(width)
+    args = argparse.Namespace(hidden_size=width, d_state=32)
+    return {"hidden_size": width, "inner_size": 2 * width if width < 128 else 256,
+            "train_batch_size": batch_size or 1024, **model_settings(model, args)}
+
+
+def profile_one(model, width, steps, batch_size, queue):
+    """Child process: build, time, count and profile one configuration; put a result dict on ``queue``."""
+    try:
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+        from torch.utils.flop_counter import FlopCounterMode
+
+        torch.set_num_threads(1)
+        import logging
+
+        from bench_mmm4rec import write_scientific_copy
+        from recbole_mm.quick_start import build
+
+        logging.disable(logging.INFO)
+        os.chdir(tempfile.mkdtemp(prefix="bench_profile_"))
+        data = write_scientific_copy(Path(tempfile.mkdtemp(prefix="scientific20_")), "Scientific20")
+        config_dict = {**data, "show_progress": False, **width_settings(model, width, batch_size)}
+        config, (train_data, _, _), net, trainer = build(model, "Scientific20", config_dict=config_dict)
+        batches = [batch for _, batch in zip(range(steps + 3), train_data)]
+        optimizer = trainer.optimizer
+        net.train()
+
+        def step(batch):
+            optimizer.zero_grad()
+            net.calculate_loss(batch).backward()
+            optimizer.step()
+
+        clock = time.process_time
+        step(batches[0])  # warm-up
+        gemm = gemm_gflops(clock)
+        times = []
+        for index in range(steps):
+            start = clock()
+            step(batches[(1 + index) % len(batches)])
+            times.append(clock() - start)
+        with FlopCounterMode(display=False) as counter:
+            step(batches[1 % len(batches)])
+        flops = counter.get_total_flops()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step(batches[1 % len(batches)])
+        events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        total = sum(e.self_cpu_time_total for e in events) or 1
+        top = [f"{e.key.replace('aten::', '')} {100 * e.self_cpu_time_total / total:.0f}%" for e in events[:5]]
+        step_s = sorted(times)[len(times) // 2]
+        queue.put({
+            "model": model, "width": width, "status": "ok", "hidden": config["hidden_size"],
+            "batch": config["train_batch_size"], "params": sum(p.numel() for p in net.parameters()),
+            "step_s": step_s, "gflop": flops / 1e9, "achieved": flops / step_s / 1e9, "gemm": gemm,
+            "steps_per_epoch": len(train_data), "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "top": top,
+        })
+    except Exception as error:  # reported in the table, the other configurations still run
+        queue.put({"model": model, "width": width, "status": "failed", "error": f"{type(error).__name__}: {error}"})
+
+
+def run_isolated(model, width, steps, batch_size):
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=profile_one, args=(model, width, steps, batch_size, queue))
+    process.start()
+    result = queue.get()
+    process.join()
+    return result
+
+
+def markdown(rows, header):
+    lines = [header, "",
+             "| model | width | batch | params | s / step (CPU) | s / epoch | GFLOP / step | achieved GFLOP/s | "
+             "GEMM GFLOP/s | roofline ratio | x SASRec (same width) | peak RSS MiB | top-5 operators (self CPU) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    sasrec = {row["width"]: row for row in rows if row["model"] == "SASRec" and row["status"] == "ok"}
+    for row in rows:
+        if row["status"] != "ok":
+            lines.append(f"| {row['model']} | {row['width']} | failed: {row['error']} |")
+            continue
+        base = sasrec.get(row["width"])
+        ratio = f"{row['step_s'] / base['step_s']:.2f}" if base else "-"
+        lines.append(
+            f"| {row['model']} | {row['width']} (d={row['hidden']}) | {row['batch']} | {row['params']:,} | "
+            f"{row['step_s']:.2f} | {row['step_s'] * row['steps_per_epoch']:.0f} | {row['gflop']:.1f} | "
+            f"{row['achieved']:.1f} | {row['gemm']:.1f} | {row['achieved'] / row['gemm']:.2f} | {ratio} | "
+            f"{row['peak_rss_mib']:.0f} | {', '.join(row['top'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["SASRec", "MMSASRec", "FMRLRec", "MMM4Rec"])
+    parser.add_argument("--widths", nargs="+", default=["default", "64"])
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--batch_size", type=int, default=0, help="override every model's train_batch_size (0: keep)")
+    parser.add_argument("--quick", action="store_true", help="SASRec and MMM4Rec only, 2 measured steps")
+    parser.add_argument("--output", type=Path, default=RESULTS / "profile_scientific.md")
+    args = parser.parse_args()
+    if args.quick:
+        args.models, args.steps = [m for m in args.models if m in ("SASRec", "MMM4Rec")], 2
+
+    from recbole_mm.experiments.measure import machine_description
+
+    load_before = os.getloadavg()[0]
+    rows = []
+    for width in args.widths:
+        for model in args.models:
+            rows.append(run_isolated(model, width, args.steps, args.batch_size))
+            print(f"done {model} width {width}: {rows[-1].get('step_s', rows[-1].get('error'))}", flush=True)
+    header = (f"Scientific train split (item lists cut to the last 20), median of {args.steps} training steps "
+              f"after a warm-up, each configuration in a fresh process, 1 torch thread, CPU time.\n"
+              f"machine: {machine_description()} (load average {load_before:.1f} at start)")
+    table = markdown(rows, header)
+    print("\n" + table)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(f"# Training-step profile\n\n`python benchmarks/bench_profile.py "
+                           f"{' '.join(sys.argv[1:])}`\n\n{table}")
+    print(f"written to {args.output}")
+
+
+if __name__ == "__main__":
+    main()
