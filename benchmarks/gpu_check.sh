@@ -64,7 +64,7 @@ timeout 240 "$PYTHON" - > "$OUT_DIR/epoch.md" 2>&1 <<'PY'
 import logging, os, tempfile, time
 import torch
 from recbole_mm.quick_start import build
-from recbole_mm.measure import machine_description
+from recbole_mm.experiments.measure import machine_description
 logging.disable(logging.INFO)
 os.chdir(tempfile.mkdtemp())
 rows = []
