@@ -48,7 +48,7 @@ from dataset_conversion.common import (  # noqa: E402
     save_manifest,
     sha256_file,
     write_table,
-    write_text,
+    write_text_atomic,
 )
 
 DEFAULT_DATASET = "lastfm-llara"
@@ -221,7 +221,7 @@ def convert(raw_dir, output_dir=None, dataset=DEFAULT_DATASET, min_history=MIN_H
         write_table(dataset_dir / f"{dataset}.{split}.inter", BENCHMARK_HEADER, rows)
     write_table(dataset_dir / f"{dataset}.item", ["item_id:token", "artist:token_seq"],
                 ((item, names[item]) for item in range(n_ids)))
-    write_text(dataset_dir / f"{dataset}.item2index", "".join(f"{item}\t{item}\n" for item in range(n_ids)))
+    write_text_atomic(dataset_dir / f"{dataset}.item2index", "".join(f"{item}\t{item}\n" for item in range(n_ids)))
     outputs = [f"{dataset}.{split}.inter" for split, _ in SPLIT_FILES] + [f"{dataset}.item", f"{dataset}.item2index"]
     manifest = load_manifest(dataset_dir, dataset)
     drop_stale_features(dataset_dir, manifest, sha256_file(dataset_dir / f"{dataset}.item2index"))

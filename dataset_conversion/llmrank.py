@@ -55,7 +55,7 @@ from dataset_conversion.common import (  # noqa: E402
     save_manifest,
     sha256_file,
     write_table,
-    write_text,
+    write_text_atomic,
 )
 from recbole_mm.data.dataset import counter_like_timestamps  # noqa: E402
 
@@ -202,8 +202,8 @@ def convert(raw_dir, output_dir=None, dataset=DEFAULT_DATASET, force=False):
                 zip(inter["user_id"], inter["item_id"], inter["timestamp"].map(lambda t: repr(float(t)).removesuffix(".0"))))
     write_table(dataset_dir / f"{dataset}.item", ["item_id:token", "artist:token_seq"],
                 ((token, names.get(token, "")) for token in tokens))
-    write_text(dataset_dir / f"{dataset}.item2index", "".join(f"{token}\t{row}\n" for row, token in enumerate(tokens)))
-    write_text(dataset_dir / f"{dataset}.random", "".join(line + "\n" for line in candidates))
+    write_text_atomic(dataset_dir / f"{dataset}.item2index", "".join(f"{token}\t{row}\n" for row, token in enumerate(tokens)))
+    write_text_atomic(dataset_dir / f"{dataset}.random", "".join(line + "\n" for line in candidates))
     outputs = [f"{dataset}.{suffix}" for suffix in ("inter", "item", "item2index", "random")]
     manifest = load_manifest(dataset_dir, dataset)
     drop_stale_features(dataset_dir, manifest, sha256_file(dataset_dir / f"{dataset}.item2index"))

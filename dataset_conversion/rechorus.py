@@ -51,7 +51,7 @@ from dataset_conversion.common import (  # noqa: E402
     save_npy,
     sha256_file,
     write_atomic_dataset,
-    write_text,
+    write_text_atomic,
 )
 
 SOURCE = "rechorus"
@@ -250,7 +250,7 @@ def convert(raw_dir, dataset="Office", output_dir=None, raw_name=None, force=Fal
 
     candidates_name = f"{dataset}.candidates"
     dataset_dir.mkdir(parents=True, exist_ok=True)
-    write_text(dataset_dir / candidates_name, "".join("\t".join(row) + "\n" for row in candidate_rows))
+    write_text_atomic(dataset_dir / candidates_name, "".join("\t".join(row) + "\n" for row in candidate_rows))
     stats = {
         "users": int(inter["user_id"].nunique()),
         "items": len(items),
