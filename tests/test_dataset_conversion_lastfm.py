@@ -148,7 +148,7 @@ def test_llara_candidate_protocol_draws_from_the_whole_catalogue(llara_converted
     """The yaml loads all 4,606 artists, so sampled candidates range over LLaRA's item list."""
     from recbole_mm.config import Config
     from recbole_mm.evaluator.candidate_protocol import candidate_source_from_config
-    from recbole_mm.data import create_dataset
+    from recbole_mm.data.utils import create_dataset
 
     root, _, _ = llara_converted
     config = Config("SASRec", "lastfm-llara", config_dict={"data_path": str(root), "num_candidates": 20,
@@ -197,7 +197,7 @@ def test_llmrank_file_candidates_are_llmranks_sets(llmrank_raw, llmrank_converte
     """For the 200 users: the first 19 listed items (none is the target here) plus the test item."""
     from recbole_mm.config import Config
     from recbole_mm.evaluator.candidate_protocol import candidate_source_from_config
-    from recbole_mm.data import create_dataset
+    from recbole_mm.data.utils import create_dataset
 
     root, _, _ = llmrank_converted
     config = Config("SASRec", "lastfm-llmrank", config_dict={
