@@ -7,7 +7,7 @@
 timing: training-step time of the three models, interleaved step by step in one process, scaled to
 one epoch.
 
-compare: every model trains on the real Scientific benchmark (../shared/datasets/Scientific; item lists
+compare: every model trains on the real Scientific benchmark ($RECBOLE_MM_DATA/Scientific; item lists
 cut to their last 20 items, MMM4Rec's official max_len, in a temporary copy) with the same hidden size, batch size, learning rate and early stopping, one after the other in this process;
 the table gives mean wall time of a training epoch, epochs to the best validation NDCG@10 and the
 test metrics of the best-validation checkpoint.

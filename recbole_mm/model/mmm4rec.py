@@ -1,8 +1,8 @@
 """MMM4Rec: time-aware SSD alignment of two modality streams, then cross-SSD fusion.
 
-Paper: "Transferable Sequential Recommendation with Vanilla Cross-Entropy Loss" (MMM4Rec). The paper
-copy lost its equations; the math follows ``shared/design/mmm4rec.md`` (restored from the authors'
-code). Equation numbers below are the paper's.
+Paper: "Transferable Sequential Recommendation with Vanilla Cross-Entropy Loss" (MMM4Rec,
+arXiv:2506.02916); where the paper leaves the math open it follows the authors' code
+(github.com/AlwaysFHao/MMM4Rec). Equation numbers below are the paper's.
 
 Two streams, named by ``modalities: [key_modality, query_modality]`` (paper: [text, image]):
 per layer the key stream (text) goes through a time-aware SSD (TiSSD) + FFN ("alignment"); the query
@@ -87,7 +87,7 @@ class SSDParameters(nn.Module):
         self.D = nn.Parameter(torch.ones(n_heads))
 
     def scan(self, x, dt, B, C, chunk_size, impl):
-        """y = SSD(x, softplus(dt + dt_bias), -exp(A_log), B, C, D) with skip D * delta * x (design §5)."""
+        """y = SSD(x, softplus(dt + dt_bias), -exp(A_log), B, C, D) with skip D * delta * x (authors' TiSSD)."""
         delta = F.softplus(dt + self.dt_bias)
         return ssd(x, delta, -torch.exp(self.A_log), B, C, self.D, chunk_size=chunk_size, impl=impl)
 

@@ -1,6 +1,6 @@
 """Speeder: compressed multimodal item tokens for an LLM recommender (Zhong et al., 2025).
 
-Spec: ``shared/design/speeder.md`` and the paper (no public code exists). One forward:
+Spec: the paper, arXiv:2511.05885 (no public code exists). One forward:
 
 1. MRC (``layers/mome.py``): every item in the batch becomes one vector in the LLM's hidden size
    from its text / image / ID-sequence features (eqs. 1-10).

@@ -113,7 +113,7 @@ def collaborative_stage(config, cache_dir, logger=None):
 
 
 def rqvae_latent_dim(config):
-    """The code vectors must live in the LLM's token space (design): default = LLM hidden size."""
+    """The code vectors must live in the LLM's token space (paper Sec. 3.2): default = LLM hidden size."""
     return int(config["rqvae_latent_dim"] or backbone_hidden_size(config))
 
 

@@ -1,6 +1,6 @@
 """Pre-train on several datasets at once, then fine-tune on a target dataset from the checkpoint.
 
-MMM4Rec's transfer recipe (paper §IV; design file §10):
+MMM4Rec's transfer recipe (paper §IV):
 
 - ``pretrain``: one model per source dataset, all sharing every domain-agnostic module (adapters,
   norms, SSD layers) by object identity; each keeps its own frozen feature tables and its own

@@ -8,7 +8,7 @@ One function, several implementations that compute the same thing (tests hold th
   O(L * chunk_size) per head; any length (the tail chunk is zero-padded, which a causal scan ignores).
 - ``mamba_ssm``: the fused Triton kernel ``mamba_chunk_scan_combined`` (CUDA + mamba-ssm only).
 
-Function (ZOH discretisation, scalar A per head; MMM4Rec design §5, Mamba-2 paper eq. for SSD):
+Function (ZOH discretisation, scalar A per head; as MMM4Rec's TiSSD, Mamba-2 paper eq. for SSD):
     h_t = exp(delta_t * A) h_{t-1} + delta_t * B_t x_t^T
     y_t = C_t^T h_t + D * delta_t * x_t
 
