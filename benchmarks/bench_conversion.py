@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from recbole_mm.measure import machine_description  # noqa: E402
+from recbole_mm.experiments.measure import machine_description  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # dataset_conversion/ is not installed
 

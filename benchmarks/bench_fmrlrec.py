@@ -30,7 +30,7 @@ from recbole.data import data_preparation
 from recbole.model.sequential_recommender import SASRec
 
 from recbole_mm.config import Config
-from recbole_mm.fmrlrec_tools import (
+from recbole_mm.tools.fmrlrec import (
     evaluate_sizes,
     load_run,
     parameter_accounting,
@@ -39,8 +39,8 @@ from recbole_mm.fmrlrec_tools import (
     size_table,
 )
 from recbole_mm.model.fmrlrec import FMRLRec, resolve_mrl_sizes
-from recbole_mm.utils import create_dataset
-from recbole_mm.measure import machine_description  # noqa: E402
+from recbole_mm.data import create_dataset
+from recbole_mm.experiments.measure import machine_description  # noqa: E402
 
 
 def scientific(config_dict):

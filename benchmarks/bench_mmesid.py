@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from recbole_mm.measure import machine_description  # noqa: E402
+from recbole_mm.experiments.measure import machine_description  # noqa: E402
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_ROOT))
@@ -53,7 +53,7 @@ def worker(stage, out_file, cmd_args):
     ``--baseline_KEY=V`` is ``--KEY=V`` for the MMSASRec run; every other argument goes to MMESID."""
     baseline = ["--" + a[len("--baseline_"):] for a in cmd_args if a.startswith("--baseline_")]
     cmd_args = [a for a in cmd_args if not a.startswith("--baseline_")]
-    from recbole_mm.pipelines.mmesid import export_item_tables, prepare_run
+    from recbole_mm.quick_start.mmesid import export_item_tables, prepare_run
     from recbole_mm.quick_start import run
 
     start = time.perf_counter()
@@ -94,7 +94,7 @@ def run_variant(name, out_dir, extra):
 
 
 def stages(out_dir, extra, skip=()):
-    from recbole_mm.embedding_analysis import behaviour_target_kendall, load_item_matrix, split_sequences, write_spectrum
+    from recbole_mm.tools.embedding_analysis import behaviour_target_kendall, load_item_matrix, split_sequences, write_spectrum
 
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -163,7 +163,7 @@ def stages(out_dir, extra, skip=()):
 # --------------------------------------------------------------------------------------------
 def length(levels, batch, repeats):
     from recbole_mm.config import Config
-    from recbole_mm.embedding_analysis import split_sequences
+    from recbole_mm.tools.embedding_analysis import split_sequences
     from recbole_mm.model.layers.llm import backbone_from_config, build_prompt_ids
 
     _, _, item_seq_len, _ = split_sequences(DATASET, "test")

@@ -29,8 +29,8 @@ import torch
 
 from recbole_mm.config import default_data_path
 from recbole_mm.quick_start import build
-from recbole_mm.transfer import load_pretrained, pretrain
-from recbole_mm.measure import machine_description  # noqa: E402
+from recbole_mm.quick_start.transfer import load_pretrained, pretrain
+from recbole_mm.experiments.measure import machine_description  # noqa: E402
 
 
 def shared_settings(args):

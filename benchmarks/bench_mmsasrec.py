@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from recbole_mm.measure import machine_description, measured_run_in_fresh_process  # noqa: E402
+from recbole_mm.experiments.measure import machine_description, measured_run_in_fresh_process  # noqa: E402
 
 
 def main():

@@ -162,7 +162,7 @@ def main():
     if args.quick:
         args.models, args.steps = [m for m in args.models if m in ("SASRec", "MMM4Rec")], 2
 
-    from recbole_mm.measure import machine_description
+    from recbole_mm.experiments.measure import machine_description
 
     load_before = os.getloadavg()[0]
     rows = []

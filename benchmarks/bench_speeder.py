@@ -39,7 +39,7 @@ from recbole_mm.model.layers.llm import backbone_from_config  # noqa: E402
 from recbole_mm.model.layers.mome import MultimodalItemCompressor  # noqa: E402
 from recbole_mm.model.speeder import HybridPrompt  # noqa: E402
 from recbole_mm.quick_start import build  # noqa: E402
-from recbole_mm.measure import machine_description  # noqa: E402
+from recbole_mm.experiments.measure import machine_description  # noqa: E402
 
 CANDIDATE_LABELS = ["A", "B", "C", "D", "E"]
 

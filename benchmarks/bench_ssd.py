@@ -13,7 +13,7 @@ import time
 import torch
 
 from recbole_mm.model.layers.ssd import discretization_step, mamba_chunk_scan_kernel, ssd, ssd_naive
-from recbole_mm.measure import machine_description  # noqa: E402
+from recbole_mm.experiments.measure import machine_description  # noqa: E402
 
 
 def make_inputs(batch, length, heads, head_dim, groups, d_state, device):

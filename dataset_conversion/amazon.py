@@ -1,7 +1,7 @@
 """Amazon Reviews 2018 / 2014 (reviews + metadata) -> RecBole atomic files for recbole_mm.
 
     python dataset_conversion/amazon.py --reviews Office_Products_5.json.gz \
-        --meta meta_Office_Products.json.gz --dataset Office            # -> <project>/dataset/Office/
+        --meta meta_Office_Products.json.gz --dataset Office            # -> ./dataset/Office/
 
 Accepted raw formats (gzip or plain, one record per line):
   2018 reviews  <Category>.json.gz / <Category>_5.json.gz: JSON (reviewerID, asin, overall, unixReviewTime, ...)
@@ -17,7 +17,7 @@ Every line is parsed as JSON first and as a Python literal second, so either yea
 Pipeline: parse -> drop interactions of items without metadata (default) -> chronological order ->
 optional dedup of repeated (user, item) -> k-core (default 5/5) -> items sorted by ASIN = item2index rows.
 Bad input never stops the run (except when nothing is left): it is counted, the first few line numbers are
-kept, and a summary is printed and stored in the manifest. See /work/notes/readme_conversion.md.
+kept, and a summary is printed and stored in the manifest. See docs/datasets.md.
 """
 import argparse
 import ast
@@ -334,7 +334,7 @@ def main(argv=None):
                         help="ratings-only csv column order: 2018 item,user,rating,time; 2014 user,item,rating,time")
     parser.add_argument("--meta", required=True, help="metadata file meta_<Category>.json.gz")
     parser.add_argument("--dataset", required=True, help="dataset name, e.g. Office (files are <name>.inter, ...)")
-    parser.add_argument("--output_dir", default=None, help="RecBole data_path (default: $RECBOLE_MM_DATA, else <project>/dataset)")
+    parser.add_argument("--output_dir", default=None, help="RecBole data_path to write into (default: $RECBOLE_MM_DATA, else ./dataset)")
     parser.add_argument("--k", type=int, default=None, help="k-core for both users and items (default 5)")
     parser.add_argument("--user_k", type=int, default=5)
     parser.add_argument("--item_k", type=int, default=5)

@@ -26,9 +26,9 @@ MANIFEST_VERSION = 1
 
 
 def default_data_dir():
-    """Where a run looks for a converted dataset when nothing else is said: recbole_mm.config resolves the
-    converted datasets' yaml "data_path: dataset" to <project>/dataset, and $RECBOLE_MM_DATA overrides both."""
-    return Path(os.environ.get("RECBOLE_MM_DATA") or Path(__file__).resolve().parent.parent / "dataset")
+    """Where converters write when --output_dir is not given, and runs read when --data_path is not:
+    $RECBOLE_MM_DATA, else ./dataset (recbole_mm.config.default_data_path, the same rule)."""
+    return Path(os.environ.get("RECBOLE_MM_DATA") or "dataset")
 
 
 INTER_HEADER = ["user_id:token", "item_id:token", "rating:float", "timestamp:float"]

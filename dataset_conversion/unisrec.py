@@ -1,9 +1,8 @@
 """UniSRec / MISSRec / VQ-Rec benchmark folders -> the same data plus a RecBole ``<Dataset>.item`` of texts.
 
-    python dataset_conversion/unisrec.py --source ../shared/datasets/Scientific   # -> <project>/dataset/Scientific
+    python dataset_conversion/unisrec.py --source <unpacked UniSRec Scientific>   # -> ./dataset/Scientific
 
-The feature hook already reads this format as it is (properties/dataset/Scientific.yaml points at the
-shared folder): split ``.train/.valid/.test.inter`` whose item tokens are the row numbers of
+The feature hook already reads this format as it is (properties/dataset/Scientific.yaml): split ``.train/.valid/.test.inter`` whose item tokens are the row numbers of
 ``.item2index`` (ASIN -> row), raw float32 ``.feat1CLS``/``.feat3CLS`` tables (row k = item k, give
 ``dim``), and ``.text`` (ASIN -> text). What this importer adds:
   * ``<Dataset>.item`` (item_id:token = row number, as in the .inter files; asin:token; text:token_seq), so
@@ -148,8 +147,8 @@ def convert(source, output_dir=None, dataset=None, copy=False, force=False):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", required=True, help="UniSRec-format folder, e.g. ../shared/datasets/Scientific")
-    parser.add_argument("--output_dir", default=None, help="RecBole data_path (default: $RECBOLE_MM_DATA, else <project>/dataset)")
+    parser.add_argument("--source", required=True, help="UniSRec-format folder (e.g. the unpacked Scientific benchmark)")
+    parser.add_argument("--output_dir", default=None, help="RecBole data_path to write into (default: $RECBOLE_MM_DATA, else ./dataset)")
     parser.add_argument("--dataset", help="output name (default: the source folder name)")
     parser.add_argument("--copy", action="store_true", help="copy the source files instead of symlinking them")
     parser.add_argument("--force", action="store_true")

@@ -5,10 +5,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from recbole_mm.config import default_data_path
+from recbole_mm.config import DATA_ENV_VAR, default_data_path
 
 REQUIRE_DATA_ENV = "RECBOLE_MM_REQUIRE_DATA"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# The test suite's shared datasets: $RECBOLE_MM_DATA, else a shared/datasets folder beside the checkout.
+os.environ.setdefault(DATA_ENV_VAR, str(PROJECT_ROOT.parent / "shared" / "datasets"))
 
 
 def shared_dataset_dir(name):

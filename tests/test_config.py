@@ -35,7 +35,7 @@ def test_each_layer_overrides_the_one_below(scientific_dir, tmp_path):
 
 def test_model_yaml_overrides_dataset_yaml(scientific_dir, tmp_path, monkeypatch):
     """The dataset yaml sets MAX_ITEM_LIST_LENGTH; a model yaml setting it too wins."""
-    import recbole_mm.config as config_module
+    import recbole_mm.config.configurator as config_module
 
     properties = tmp_path / "properties"
     (properties / "dataset").mkdir(parents=True)

@@ -499,8 +499,9 @@ def test_scripts_run_from_the_command_line(tmp_path):
     done = subprocess.run([sys.executable, "dataset_conversion/movielens.py", "ml-100k", "--no_encode",
                            "--max_users", "3", "--output_dir", str(tmp_path)], cwd=root, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert "ml-100k-mm: 3 users" in done.stderr
-    assert (tmp_path / "ml-100k-mm" / "ml-100k-mm.inter").exists()
+    assert "ml-100k-mm-3users: 3 users" in done.stderr
+    assert (tmp_path / "ml-100k-mm-3users" / "ml-100k-mm-3users.inter").exists()
+    assert not (tmp_path / "ml-100k-mm").exists()
     for script in ("amazon", "encode_features", "download_images"):
         done = subprocess.run([sys.executable, "-m", f"dataset_conversion.{script}", "--help"], cwd=root,
                               capture_output=True, text=True)
@@ -566,29 +567,36 @@ def test_ratings_only_csv_2018_and_2014_layouts(tmp_path):
 def test_reconversion_with_another_item_list_removes_stale_features(tmp_path):
     from dataset_conversion.encode_features import encode_text_modality
 
-    dataset_dir, _, _ = movielens.convert("ml-100k", output_dir=tmp_path, max_users=3)
-    encode_text_modality(dataset_dir, "ml-100k-mm", "text", "title", HashingTextEncoder(), show_progress=False)
-    assert (dataset_dir / "ml-100k-mm.text.npy").exists()
-    movielens.convert("ml-100k", output_dir=tmp_path, max_users=3, force=True)  # same items: features stay
-    assert "text" in load_manifest(dataset_dir, "ml-100k-mm")["features"]
-    movielens.convert("ml-100k", output_dir=tmp_path, max_users=4)  # more items: old rows would be wrong
-    assert not (dataset_dir / "ml-100k-mm.text.npy").exists()
-    assert not (dataset_dir / "ml-100k-mm.text.mask.npy").exists()
-    assert load_manifest(dataset_dir, "ml-100k-mm")["features"] == {}
+    name = "ml-100k-mm-small"
+    dataset_dir, _, _ = movielens.convert("ml-100k", output_dir=tmp_path, dataset=name, max_users=3)
+    encode_text_modality(dataset_dir, name, "text", "title", HashingTextEncoder(), show_progress=False)
+    assert (dataset_dir / f"{name}.text.npy").exists()
+    movielens.convert("ml-100k", output_dir=tmp_path, dataset=name, max_users=3, force=True)  # same items: features stay
+    assert "text" in load_manifest(dataset_dir, name)["features"]
+    movielens.convert("ml-100k", output_dir=tmp_path, dataset=name, max_users=4)  # more items: old rows would be wrong
+    assert not (dataset_dir / f"{name}.text.npy").exists()
+    assert not (dataset_dir / f"{name}.text.mask.npy").exists()
+    assert load_manifest(dataset_dir, name)["features"] == {}
 
 
 @pytest.mark.parametrize("dataset", ["Office", "ml-100k-mm", "ml-1m-mm"])
-def test_default_output_dir_is_where_a_run_looks(dataset, monkeypatch):
+def test_default_output_dir_is_where_a_run_looks(dataset, monkeypatch, tmp_path):
     from dataset_conversion.common import default_data_dir
     from recbole_mm.config import Config
 
     monkeypatch.delenv("RECBOLE_MM_DATA", raising=False)
     config = Config(model="SASRec", dataset=dataset, config_dict={"modalities": []})
-    assert Path(config["data_path"]) == default_data_dir() / dataset
-    assert default_data_dir() == Path(__file__).resolve().parent.parent / "dataset"
+    assert Path(config["data_path"]) == default_data_dir() / dataset == Path("dataset") / dataset
     monkeypatch.setenv("RECBOLE_MM_DATA", "/elsewhere")
     config = Config(model="SASRec", dataset=dataset, config_dict={"modalities": []})
     assert Path(config["data_path"]) == default_data_dir() / dataset == Path("/elsewhere") / dataset
+    # the user's own data_path (command line, config files, config_dict) beats the variable
+    config = Config(model="SASRec", dataset=dataset, config_dict={"modalities": []}, cmd_args=["--data_path=/mine"])
+    assert Path(config["data_path"]) == Path("/mine") / dataset
+    user_yaml = tmp_path / "user.yaml"
+    user_yaml.write_text("data_path: /theirs\n")
+    config = Config(model="SASRec", dataset=dataset, config_file_list=[str(user_yaml)], config_dict={"modalities": []})
+    assert Path(config["data_path"]) == Path("/theirs") / dataset
 
 
 def test_keep_items_without_meta_and_empty_text_field_error(tmp_path):

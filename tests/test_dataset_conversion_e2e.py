@@ -24,7 +24,9 @@ def test_converted_ml_100k_slice_trains_mmsasrec(in_tmp_cwd):
         "eval_batch_size": 256, "show_progress": False, "checkpoint_dir": str(in_tmp_cwd / "saved"),
         "n_layers": 1, "hidden_size": 32, "inner_size": 64, "MAX_ITEM_LIST_LENGTH": 20,
     }
-    config, (train_data, _, _), model, _ = build("MMSASRec", dataset, config_dict=config_dict)
+    assert dataset == "ml-100k-mm-25users"  # a slice never takes the full conversion's name
+    yaml_files = [str(dataset_dir / f"{dataset}.yaml")]
+    config, (train_data, _, _), model, _ = build("MMSASRec", dataset, yaml_files, config_dict=config_dict)
     assert config["TIME_FIELD"] == "timestamp" and train_data.dataset.has_timestamps
     # the hook put title features of each RecBole item id at that id's row (row 0 = padding)
     hook_table = model.feature_table("text").cpu().numpy()
@@ -36,6 +38,6 @@ def test_converted_ml_100k_slice_trains_mmsasrec(in_tmp_cwd):
         np.testing.assert_array_equal(hook_table[internal_id], file_table[int(rows[tokens[internal_id]])])
     assert model.feature_dims == {"text": 384, "genre": 384}
 
-    result = run("MMSASRec", dataset, config_dict=config_dict)
-    assert result["dataset"] == "ml-100k-mm"
+    result = run("MMSASRec", dataset, yaml_files, config_dict=config_dict)
+    assert result["dataset"] == "ml-100k-mm-25users"
     assert np.isfinite(result["test_result"]["ndcg@10"]) and 0.0 <= result["test_result"]["recall@10"] <= 1.0

@@ -5,9 +5,11 @@ import socket
 import pytest
 import torch
 
-from recbole_mm.distributed import gather_shards, launch
+from recbole_mm.quick_start.distributed import launch
+from recbole_mm.trainer.distributed import gather_shards
 from recbole_mm.quick_start import build
-from tests.conftest import PROJECT_ROOT, scientific_slice_config, write_scientific_slice
+from recbole_mm.config import PROPERTIES_DIR
+from tests.conftest import scientific_slice_config, write_scientific_slice
 
 
 def free_port():
@@ -108,7 +110,7 @@ def test_models_with_training_stages_are_refused_under_ddp(scientific_dir, tmp_p
     try:
         with pytest.raises(RecboleMMError, match="stages"):
             # a subclass has no properties/model yaml of its own: give it MMSASRec's
-            build(StagedMMSASRec, "SciSlice", [str(PROJECT_ROOT / "properties/model/MMSASRec.yaml")], config)
+            build(StagedMMSASRec, "SciSlice", [str(PROPERTIES_DIR / "model" / "MMSASRec.yaml")], config)
         assert torch.distributed.is_initialized()  # the config really joined a process group
     finally:
         if torch.distributed.is_initialized():

@@ -12,10 +12,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from recbole_mm.experiments import main as experiments_main
-from recbole_mm.experiments import run_table, summarize, write_markdown
-from recbole_mm.measure import config_hash, effective_config
-from recbole_mm.tune import tune
+from recbole_mm.experiments.table import main as experiments_main
+from recbole_mm.experiments.summary import summarize
+from recbole_mm.experiments.table import run_table
+from recbole_mm.experiments.writers import write_markdown
+from recbole_mm.experiments.hashing import config_hash, effective_config
+from recbole_mm.experiments.tune import tune
 from tests.conftest import scientific_slice_config, write_scientific_slice
 
 
@@ -198,7 +200,7 @@ def test_grid_search_visits_every_choice_combination_once():
     import numpy as np
     from hyperopt import Trials, fmin, hp
 
-    from recbole_mm.tune import grid_search
+    from recbole_mm.experiments.tune import grid_search
 
     space = {"a": hp.choice("a", [1, 2, 3]), "b": hp.choice("b", ["x", "y"])}
     visited = []
@@ -208,7 +210,7 @@ def test_grid_search_visits_every_choice_combination_once():
 
 
 def test_ray_tune_path_runs_or_explains_why_not(slice_config, tmp_path, in_tmp_cwd):
-    from recbole_mm.tune import run_with_ray
+    from recbole_mm.experiments.tune import run_with_ray
     from recbole_mm.utils import RecboleMMError
 
     params_file = tmp_path / "hyper.test"

@@ -8,7 +8,8 @@ from recbole.data import data_preparation
 
 from recbole_mm.config import Config
 from recbole_mm.data.features import FeatureTableSpec, load_feature_table
-from recbole_mm.utils import RecboleMMError, create_dataset
+from recbole_mm.data import create_dataset
+from recbole_mm.utils import RecboleMMError
 from tests.conftest import scientific_slice_config, write_scientific_slice, write_timestamped_dataset
 
 

@@ -192,7 +192,7 @@ def test_one_epoch_cli_run_extract_and_evaluate(scientific_dir, in_tmp_cwd):
             cwd=in_tmp_cwd)
     (checkpoint,) = checkpoint_dir.glob("FMRLRec-*.pth")
 
-    from recbole_mm.fmrlrec_tools import evaluate_sizes, load_run, save_submodel
+    from recbole_mm.tools.fmrlrec import evaluate_sizes, load_run, save_submodel
 
     config, (train_data, _, test_data), model, _ = load_run(str(checkpoint), [data])
     per_size = evaluate_sizes(model, test_data, config)
@@ -214,7 +214,7 @@ def test_one_epoch_cli_run_extract_and_evaluate(scientific_dir, in_tmp_cwd):
 
 
 def test_parameter_accounting_matches_closed_form_counts():
-    from recbole_mm.fmrlrec_tools import parameter_accounting
+    from recbole_mm.tools.fmrlrec import parameter_accounting
 
     config = tiny_config(hidden_size=32, mrl_sizes=[8, 16, 32], n_layers=2, ffn_expansion=1)
     rows = parameter_accounting(config, TinyDataset())

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from recbole_mm.embedding_analysis import (
+from recbole_mm.tools.embedding_analysis import (
     behaviour_target_distances,
     kendall_tau,
     load_item_matrix,
@@ -239,7 +239,7 @@ def test_spectrum_matches_numpy_and_writes_files(tmp_path):
 
 # ---- all stages end to end -------------------------------------------------------------------
 def test_all_stages_end_to_end_on_a_slice(slice_root):
-    from recbole_mm.pipelines.mmesid import export_item_tables, prepare_run
+    from recbole_mm.quick_start.mmesid import export_item_tables, prepare_run
     from recbole_mm.quick_start import run
 
     config = scientific_slice_config(

@@ -15,7 +15,7 @@ from recbole_mm.model.layers import ssd as ssd_module
 from recbole_mm.model.layers.ssd import CausalDepthwiseConv1d, segment_sum
 from recbole_mm.model.mmm4rec import DualChannelFourierFilter, TiSSD, masked_sequence_layer_norm
 from recbole_mm.quick_start import build
-from recbole_mm.transfer import load_pretrained, parse_dataset_list
+from recbole_mm.quick_start.transfer import load_pretrained, parse_dataset_list
 from run_recbole_mm import main as cli_main
 
 TINY = dict(modalities=["text", "image"], hidden_size=16, inner_size=32, d_state=8, head_dim=8, n_groups=2, chunk_size=4,

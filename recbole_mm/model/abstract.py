@@ -23,7 +23,7 @@ class MultimodalSequentialRecommender(SequentialRecommender):
         if self.modalities and item_features is None:
             raise RecboleMMError(
                 f"{type(self).__name__} reads item features {self.modalities}, but the dataset is a "
-                f"{type(dataset).__name__}; build it with recbole_mm.utils.create_dataset."
+                f"{type(dataset).__name__}; build it with recbole_mm.data.create_dataset."
             )
         self.feature_dims = {}
         for name in self.modalities:

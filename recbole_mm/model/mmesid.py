@@ -2,7 +2,7 @@
 multimodal embeddings and multimodal semantic IDs, scored by frequency-aware fusion.
 
 This class is the fine-tuning stage (paper Sec. 4.3). Its two inputs come from the earlier stages
-run by ``recbole_mm.pipelines.mmesid`` (``quick_start.run('MMESID', ...)`` runs all of them):
+run by ``recbole_mm.quick_start.mmesid`` (``quick_start.run('MMESID', ...)`` runs all of them):
 ``mmesid_collab_file`` (collaborative item embeddings E_c from SASRec) and ``mmesid_sid_file``
 (semantic IDs and codebooks from the MM-RQ-VAE, ``recbole_mm.model.layers.rqvae``).
 
@@ -24,7 +24,7 @@ from torch import nn
 
 from recbole_mm.model.abstract import MultimodalSequentialRecommender
 from recbole_mm.model.layers.llm import backbone_from_config, build_prompt_ids
-from recbole_mm.pipelines.mmesid import COLLAB, load_collaborative_table, load_semantic_ids, prepare_run
+from recbole_mm.data.item_tables import COLLAB, load_collaborative_table, load_semantic_ids
 from recbole_mm.utils import RecboleMMError
 
 SID_INITS = ("codebook", "random")
@@ -80,11 +80,6 @@ class MMESID(MultimodalSequentialRecommender):
         self.fusion_mlp = nn.Sequential(nn.Linear(1, fusion_hidden), nn.GELU(), nn.Linear(fusion_hidden, 1 + n_channels))
         self.register_buffer("item_frequency_feature", normalised_log_frequency(dataset, self.n_items),
                              persistent=False)
-
-    @staticmethod
-    def prepare_run(dataset, config_file_list=None, config_dict=None, cmd_args=()):
-        """quick_start hook: produce (or reuse) the stage-1/2 files before this model is built."""
-        return prepare_run(dataset, config_file_list, config_dict, cmd_args)
 
     # ---- item side --------------------------------------------------------------------------
     def semantic_id_embeddings(self, name, items):

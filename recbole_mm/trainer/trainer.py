@@ -11,7 +11,7 @@ from torch.nn.utils.clip_grad import clip_grad_norm_
 from tqdm import tqdm
 
 from recbole_mm.compat import load_checkpoint, plain_config
-from recbole_mm.distributed import DistributedTrainingMixin
+from recbole_mm.trainer.distributed import DistributedTrainingMixin
 from recbole_mm.utils import RecboleMMError
 
 
@@ -68,7 +68,7 @@ class SafeCheckpointMixin:
 @lru_cache(maxsize=None)
 def with_safe_checkpoints(trainer_class):
     """RecBole's trainer for a built-in model, with checkpoints torch >= 2.6 loads safely (and DDP
-    that also works on CPU, see recbole_mm.distributed)."""
+    that also works on CPU, see recbole_mm.trainer.distributed)."""
     return type(trainer_class.__name__, (DistributedTrainingMixin, SafeCheckpointMixin, trainer_class), {})
 
 
@@ -108,8 +108,17 @@ class MMTrainer(DistributedTrainingMixin, SafeCheckpointMixin, Trainer):
     }
 
     def __init__(self, config, model):
+        # read by _build_optimizer, which RecBole's __init__ calls
+        self.optimizer_eps = config["optimizer_eps"]
+        self.no_weight_decay_on = list(config["no_weight_decay_on"] or [])
         super().__init__(config, model)
         self.accumulation_steps = max(1, int(config["gradient_accumulation_steps"] or 1))
+        self.accumulation_loss = config["gradient_accumulation_loss"] or "mean"
+        if self.accumulation_loss not in ("mean", "sum"):
+            raise RecboleMMError(
+                f"gradient_accumulation_loss: {self.accumulation_loss!r} is not known; use mean (the accumulated "
+                "gradient equals one large batch's) or sum (the micro-batch losses added, as MMM4Rec's authors do)."
+            )
         self.scheduler_name = config["lr_scheduler"]
         self.warmup_steps = int(config["warmup_steps"] or 0)
         if self.scheduler_name not in (None, "warmup_cosine", "warmup_linear"):
@@ -143,7 +152,24 @@ class MMTrainer(DistributedTrainingMixin, SafeCheckpointMixin, Trainer):
             raise RecboleMMError(
                 f"learner: {learner!r} is not supported; choose one of {sorted(self.LEARNERS) + ['sparse_adam']}."
             )
-        return self.LEARNERS[learner](params, lr=learning_rate, weight_decay=weight_decay)
+        extra = {}
+        if self.optimizer_eps is not None:
+            if learner == "sgd":
+                raise RecboleMMError("optimizer_eps: SGD has no epsilon; leave optimizer_eps at ~ or pick an Adam-type learner.")
+            extra["eps"] = float(self.optimizer_eps)
+        return self.LEARNERS[learner](self._decay_groups(params, weight_decay), lr=learning_rate, **extra)
+
+    def _decay_groups(self, params, weight_decay):
+        """Parameter groups: the parameters whose names contain one of ``no_weight_decay_on`` get no
+        weight decay (the fMRLRec authors exempt biases and layer norms), the others ``weight_decay``."""
+        if not self.no_weight_decay_on:
+            return [{"params": list(params), "weight_decay": weight_decay}]
+        wanted = {id(param) for param in params}
+        exempt, decayed = [], []
+        for name, param in self.model.named_parameters():
+            if id(param) in wanted:
+                (exempt if any(key in name for key in self.no_weight_decay_on) else decayed).append(param)
+        return [{"params": decayed, "weight_decay": weight_decay}, {"params": exempt, "weight_decay": 0.0}]
 
     def _build_scheduler(self, steps_per_epoch):
         if self.scheduler_name is None:
@@ -196,7 +222,8 @@ class MMTrainer(DistributedTrainingMixin, SafeCheckpointMixin, Trainer):
                 loss = losses
                 total_loss = loss.item() if total_loss is None else total_loss + loss.item()
             self._check_nan(loss)
-            ((loss + sync_loss) / self.accumulation_steps).backward()
+            scale = self.accumulation_steps if self.accumulation_loss == "mean" else 1
+            ((loss + sync_loss) / scale).backward()
             last_batch = batch_idx + 1 == len(train_data)
             if (batch_idx + 1) % self.accumulation_steps == 0 or last_batch:
                 if self.clip_grad_norm:

@@ -1,0 +1,59 @@
+"""What identifies a cell: its effective configuration, with the dataset folder's content in place
+of its location, hashed (``config_hash``): a rerun finds finished cells, any change gives a new one."""
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from recbole_mm.compat import plain_config
+from recbole_mm.config import Config
+
+
+def effective_config(model, dataset, config_file_list=None, config_dict=None, cmd_args=()):
+    """The run's final configuration as plain data (what a checkpoint stores)."""
+    return plain_config(Config(model, dataset, config_file_list, config_dict, cmd_args))
+
+
+# Keys that say where or how a run executes, not what it computes: left out of the config hash
+# so that a results store stays valid when moved between machines or working directories.
+# ``data_path`` is replaced by the content of the dataset folder (``dataset_fingerprint``).
+PLACEMENT_KEYS = ("checkpoint_dir", "device", "gpu_id", "use_gpu", "show_progress", "state", "data_path",
+                  "local_rank", "single_spec", "log_wandb", "wandb_project", "worker")
+
+_file_digests = {}  # (path, size, mtime_ns) -> sha256: a table run hashes each dataset file once
+
+
+def _file_digest(path):
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _file_digests:
+        digest = hashlib.sha256()
+        with open(path, "rb") as file:
+            for block in iter(lambda: file.read(1 << 22), b""):
+                digest.update(block)
+        _file_digests[key] = digest.hexdigest()
+    return _file_digests[key]
+
+
+def dataset_fingerprint(config):
+    """Names and contents of the files a run reads: the top-level files of its dataset folder plus
+    feature tables stored elsewhere. Two datasets that share a name but not their data get different
+    cells; the same data in another folder keeps its cells."""
+    folder = config.get("data_path")
+    if not folder or not os.path.isdir(folder):
+        return None
+    files = {path.name: path for path in Path(folder).iterdir() if path.is_file()}
+    for name, entry in (config.get("feature_tables") or {}).items():
+        path = Path(entry["path"] if isinstance(entry, dict) else entry)
+        if path.is_absolute() and path.is_file():
+            files[f"feature_tables.{name}"] = path
+    return {name: _file_digest(path) for name, path in sorted(files.items())}
+
+
+def config_hash(config):
+    """Short stable hash of an effective config (a plain dict) and of the dataset files it reads,
+    placement keys excluded."""
+    kept = {key: value for key, value in config.items() if key not in PLACEMENT_KEYS}
+    kept["dataset files"] = dataset_fingerprint(config)
+    text = json.dumps(kept, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]

@@ -1,0 +1,291 @@
+"""A converged, tuned, multi-seed leaderboard on one dataset, with paired significance.
+
+    python -m recbole_mm.experiments.leaderboard --spec benchmarks/leaderboard/Scientific.yaml \
+        [--output benchmarks/results/leaderboard/Scientific] [--jobs 2] [--models SASRec FMRLRec] [--key=value ...]
+
+The spec (YAML) names the dataset, the models with their tuning spaces, the seeds, the shared
+config files (budget, width, early stopping) and the reference model::
+
+    dataset: Scientific
+    reference: SASRec
+    metric: ndcg@10                  # the significance column's metric (a test metric key)
+    seeds: [2020, 2021, 2022]
+    max_trials: 4                    # a model's space may not hold more points than this
+    config_files: [benchmarks/leaderboard/budget.yaml]
+    model_config_files: {MMM4Rec: [benchmarks/tables/mmm4rec-64.yaml]}   # a model's own settings
+    models:
+      SASRec: {learning_rate: [0.001, 0.0003], hidden_dropout_prob: [0.2, 0.5]}
+      GRU4Rec: {}                    # no tuning: its defaults
+
+For each model: every point of its space is trained with the first seed and judged by its best
+validation score (tuning never sees the test set); the best point is then trained with every seed.
+The first seed's run of the best point is the same cell as its tuning trial and is reused. Every
+cell is a table-runner cell (``recbole_mm.experiments.cells``): hashed by its effective config,
+stored under ``<output>/cells``, reused on a rerun, so an interrupted leaderboard resumes. Cells
+keep their test users' per-user metrics for the paired tests (``significance``). A cell whose run
+used every epoch of its cap did not early-stop: it is marked as not converged.
+
+Outputs in ``--output``: ``table.md`` / ``table.csv`` (one row per model), ``tuning.csv`` (every
+trial), ``<metric>.png`` (test metric per model, mean and sample std over seeds). Tables are
+rewritten each time a model finishes; ``--jobs N`` trains N models at once (each cell in its own
+process; give each ``OMP_NUM_THREADS`` cores).
+"""
+import argparse
+import csv
+import itertools
+import signal
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+import yaml
+
+from recbole_mm.experiments.cells import run_cell
+from recbole_mm.experiments.measure import machine_description
+from recbole_mm.experiments.significance import compare
+from recbole_mm.experiments.store import ResultsStore
+from recbole_mm.utils import RecboleMMError
+
+SPEC_KEYS = {"dataset", "reference", "metric", "seeds", "max_trials", "config_files", "model_config_files", "models",
+             "description"}
+
+
+def load_spec(path):
+    path = Path(path)
+    if not path.is_file():
+        raise RecboleMMError(f"leaderboard spec {path} does not exist.")
+    spec = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    unknown = set(spec) - SPEC_KEYS
+    if unknown:
+        raise RecboleMMError(f"{path}: unknown keys {sorted(unknown)}; allowed: {sorted(SPEC_KEYS)}.")
+    for key in ("dataset", "models", "seeds", "reference", "metric"):
+        if not spec.get(key):
+            raise RecboleMMError(f"{path}: '{key}' is required (see python -m recbole_mm.experiments.leaderboard -h).")
+    spec.setdefault("max_trials", 4)
+    spec.setdefault("config_files", [])
+    spec.setdefault("model_config_files", {})
+    if spec["reference"] not in spec["models"]:
+        raise RecboleMMError(f"{path}: reference {spec['reference']!r} is not one of the models {list(spec['models'])}.")
+    for model, space in spec["models"].items():
+        space = spec["models"][model] = space or {}
+        if not isinstance(space, dict) or not all(isinstance(values, list) and values for values in space.values()):
+            raise RecboleMMError(f"{path}: models.{model} must map each tuned key to a non-empty list of values.")
+        if len(trial_points(space)) > spec["max_trials"]:
+            raise RecboleMMError(f"{path}: models.{model} has {len(trial_points(space))} points, more than "
+                                 f"max_trials={spec['max_trials']}: every model gets the same tuning budget.")
+    return spec
+
+
+def trial_points(space):
+    """Every combination of the space's values, in a fixed order ({} -> one point: the defaults)."""
+    keys = sorted(space)
+    return [dict(zip(keys, values)) for values in itertools.product(*(space[key] for key in keys))]
+
+
+def is_converged(record):
+    cap = record.get("epoch_cap")
+    return None if cap is None or record.get("epochs") is None else record["epochs"] < cap
+
+
+def valid_key(record):
+    """Sort key: a better validation score is larger (RecBole says which direction is better)."""
+    score = record["best_valid_score"]
+    return score if record.get("valid_score_bigger", True) else -score
+
+
+def run_model(store, spec, model, config_dict, cmd_args, log, timeout=None, isolate=True):
+    """Tune ``model`` on the first seed's validation score, then train its best point on every seed."""
+    run = lambda seed, params: run_cell(  # noqa: E731
+        store, model, spec["dataset"], seed, spec["config_files"], {**config_dict, **params}, cmd_args, isolate,
+        timeout=timeout, log=log, model_config_files=spec["model_config_files"].get(model, []), per_user=True)
+    trials = []
+    for params in trial_points(spec["models"][model]):
+        trials.append({"params": params, "record": run(spec["seeds"][0], params)})
+    finished = [trial for trial in trials if trial["record"]["status"] == "ok"]
+    if not finished:
+        return {"model": model, "trials": trials, "best_params": None, "finals": []}
+    best = max(finished, key=lambda trial: valid_key(trial["record"]))
+    finals = [best["record"]] + [run(seed, best["params"]) for seed in spec["seeds"][1:]]
+    return {"model": model, "trials": trials, "best_params": best["params"], "finals": finals}
+
+
+def mean_std(values):
+    values = [value for value in values if value is not None]
+    if not values:
+        return None, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def model_rows(spec, outcomes):
+    """One summary row per model, with the paired comparison against the reference."""
+    reference = outcomes.get(spec["reference"])
+    reference_finals = [r for r in (reference or {}).get("finals", []) if r["status"] == "ok"]
+    rows = []
+    for model in spec["models"]:
+        outcome = outcomes.get(model)
+        if outcome is None:
+            continue
+        finals = [record for record in outcome["finals"] if record["status"] == "ok"]
+        failed = [record for record in outcome["finals"] + [t["record"] for t in outcome["trials"]]
+                  if record["status"] != "ok"]
+        test_keys = sorted({key for record in finals for key in record["test_result"]})
+        row = {
+            "model": model, "trials": len(outcome["trials"]), "best_params": outcome["best_params"],
+            "seeds": [record["seed"] for record in finals],
+            "valid": mean_std([record["best_valid_score"] for record in finals])[0],
+            "test": {key: mean_std([record["test_result"].get(key) for record in finals]) for key in test_keys},
+            "converged": sum(bool(is_converged(record)) for record in finals),
+            "epochs": mean_std([record.get("epochs") for record in finals])[0],
+            "parameters": finals[0].get("parameters") if finals else None,
+            "errors": [record.get("error", "") for record in failed],
+            "comparison": None,
+        }
+        if finals and reference_finals and model != spec["reference"]:
+            row["comparison"] = compare(finals, reference_finals, spec["metric"])
+        rows.append(row)
+    return rows
+
+
+def _fmt(mean, std, decimals=4):
+    if mean is None:
+        return "—"
+    return f"{mean:.{decimals}f}" + (f" ± {std:.{decimals}f}" if std is not None else "")
+
+
+def _fmt_p(value):
+    return "—" if value is None else (f"{value:.1e}" if value < 1e-3 else f"{value:.3f}")
+
+
+def write_outputs(output, spec, outcomes, header_lines):
+    rows = model_rows(spec, outcomes)
+    test_keys = sorted({key for row in rows for key in row["test"]})
+    metric, reference = spec["metric"], spec["reference"]
+    head = (["model", "best params (tuned on valid)", "valid score"] + [f"test {key}" for key in test_keys]
+            + ["converged", "epochs", "trainable params", f"{metric} vs {reference}", "p (paired t)", "p (Wilcoxon)"])
+    lines = [f"# Leaderboard: {spec['dataset']}", "", *header_lines, "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    with open(output / "table.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["model", "best_params", "seeds", "valid_score"]
+                        + [f"test {key} {part}" for key in test_keys for part in ("mean", "std")]
+                        + ["converged", "epochs", "parameters", "relative_change", "t_p", "wilcoxon_p", "pairs"])
+        for row in rows:
+            comparison = row["comparison"] or {}
+            change = comparison.get("relative_change")
+            cells = [row["model"], ", ".join(f"{k}={v}" for k, v in (row["best_params"] or {}).items()) or "defaults",
+                     _fmt(row["valid"], None)]
+            cells += [_fmt(*row["test"].get(key, (None, None))) for key in test_keys]
+            cells += [f"{row['converged']}/{len(row['seeds'])}", _fmt(row["epochs"], None, 1),
+                      f"{row['parameters']:,}" if row["parameters"] else "—",
+                      "reference" if row["model"] == reference else ("—" if change is None else f"{change:+.1%}"),
+                      _fmt_p(comparison.get("t_p")), _fmt_p(comparison.get("wilcoxon_p"))]
+            lines.append("| " + " | ".join(cells) + " |")
+            writer.writerow([row["model"], yaml.safe_dump(row["best_params"], default_flow_style=True).strip(),
+                             " ".join(map(str, row["seeds"])), row["valid"]]
+                            + [value for key in test_keys for value in row["test"].get(key, (None, None))]
+                            + [row["converged"], row["epochs"], row["parameters"], change,
+                               comparison.get("t_p"), comparison.get("wilcoxon_p"), comparison.get("n")])
+    failures = [f"- {row['model']}: {error[:200]}" for row in rows for error in row["errors"]]
+    if failures:
+        lines += ["", "Failed cells (retried on the next run):", *failures]
+    (output / "table.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with open(output / "tuning.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["model", "params", "status", "valid_score", "epochs", "epoch_cap", "converged", "config_hash"])
+        for model, outcome in outcomes.items():
+            for trial in outcome["trials"]:
+                record = trial["record"]
+                writer.writerow([model, yaml.safe_dump(trial["params"], default_flow_style=True).strip(),
+                                 record["status"], record.get("best_valid_score"), record.get("epochs"),
+                                 record.get("epoch_cap"), is_converged(record), record.get("config_hash")])
+    plot(output / f"{metric.replace('@', '_at_')}.png", spec, rows, f"test {metric}")
+
+
+def plot(path, spec, rows, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = spec["metric"]
+    shown = [row for row in rows if metric in row["test"] and row["test"][metric][0] is not None]
+    if not shown:
+        return
+    figure, axis = plt.subplots(figsize=(1.2 * len(shown) + 2, 3.5))
+    means = [row["test"][metric][0] for row in shown]
+    stds = [row["test"][metric][1] or 0 for row in shown]
+    colors = ["0.6" if row["model"] == spec["reference"] else "C0" for row in shown]
+    axis.bar([row["model"] for row in shown], means, yerr=stds, capsize=4, color=colors)
+    axis.set_ylabel(title)
+    axis.set_title(f"{spec['dataset']}: {title} (mean ± std over seeds; grey = reference)")
+    axis.tick_params(axis="x", rotation=30)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def run_leaderboard(spec, output, models=None, config_dict=None, cmd_args=(), jobs=1, timeout=None, log=print,
+                    isolate=True):
+    """Tune and train every model of the spec (or ``models``); write the outputs; return per-model outcomes.
+    ``isolate=False`` trains in this process (tests; peak memory is then not the cell's own)."""
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    store = ResultsStore(output)
+    models = list(models or spec["models"])
+    missing = [model for model in models if model not in spec["models"]]
+    if missing:
+        raise RecboleMMError(f"--models {missing} are not in the spec's models {list(spec['models'])}.")
+    config_dict = {"checkpoint_dir": str(Path("saved") / "leaderboard" / spec["dataset"]), "show_progress": False,
+                   **(config_dict or {})}
+    header = [f"Machine: {machine_description()}.",
+              f"Seeds: {', '.join(map(str, spec['seeds']))}; each model tuned over at most {spec['max_trials']} points "
+              f"on seed {spec['seeds'][0]}'s validation score, then its best point trained on every seed; test metrics "
+              f"of the best-validation checkpoint, mean ± sample std over seeds. Significance: {spec['metric']} per "
+              f"test user against {spec['reference']}, paired by user and seed, pooled over seeds.",
+              f"Config files: {' '.join(spec['config_files']) or 'none'}; overrides: {' '.join(cmd_args) or 'none'}. "
+              "converged = runs that early-stopped before their epoch cap."]
+    outcomes = {}
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        futures = {pool.submit(run_model, store, spec, model, config_dict, cmd_args, log, timeout, isolate): model
+                   for model in models}
+        for future in as_completed(futures):
+            outcomes[futures[future]] = future.result()
+            ordered = {model: outcomes[model] for model in spec["models"] if model in outcomes}
+            write_outputs(output, spec, ordered, header + [f"Written {time.strftime('%Y-%m-%d %H:%M')}; models done: "
+                                                           f"{len(outcomes)}/{len(models)}."])
+            log(f"[leaderboard] {futures[future]} done; wrote {output / 'table.md'}")
+    return outcomes
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds through the cells, which kill their training processes
+
+
+def main(argv=None):
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    parser = argparse.ArgumentParser(prog="python -m recbole_mm.experiments.leaderboard", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    parser.add_argument("--spec", required=True, help="leaderboard spec (YAML)")
+    parser.add_argument("--output", default=None, help="default: benchmarks/results/leaderboard/<dataset>")
+    parser.add_argument("--models", nargs="+", default=None, help="a subset of the spec's models")
+    parser.add_argument("--jobs", type=int, default=1, help="models trained at once")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds per cell")
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        spec = load_spec(args.spec)
+        output = args.output or Path("benchmarks") / "results" / "leaderboard" / spec["dataset"]
+        outcomes = run_leaderboard(spec, output, args.models, cmd_args=overrides, jobs=args.jobs, timeout=args.timeout)
+    except RecboleMMError as error:
+        print(f"recbole-mm: error: {error}", file=sys.stderr)
+        return 2
+    failed = [model for model, outcome in outcomes.items() if not any(r["status"] == "ok" for r in outcome["finals"])]
+    if failed:
+        print(f"recbole-mm: no finished run for {failed} (see {output}/table.md)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

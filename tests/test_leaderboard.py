@@ -1,0 +1,103 @@
+import math
+import random
+
+import numpy as np
+import pytest
+import yaml
+from scipy import stats
+
+from recbole_mm.experiments.leaderboard import load_spec, run_leaderboard, trial_points
+from recbole_mm.experiments.significance import compare
+from recbole_mm.utils import RecboleMMError
+from tests.conftest import write_scientific_slice
+
+
+def record(seed, users, values):
+    return {"seed": seed, "per_user": {"users": list(users), "metrics": {"ndcg@10": list(values)}}}
+
+
+def test_paired_t_test_matches_the_formula_and_pairs_by_user():
+    rng = random.Random(0)
+    users = [f"u{i}" for i in range(40)]
+    model = {s: [rng.random() for _ in users] for s in (1, 2)}
+    reference = {s: [v - 0.05 + rng.gauss(0, 0.1) for v in model[s]] for s in (1, 2)}
+    shuffled = {}
+    for s in (1, 2):  # the reference lists its users in another order: pairing must follow the tokens
+        order = list(range(len(users)))
+        rng.shuffle(order)
+        shuffled[s] = record(s, [users[i] for i in order], [reference[s][i] for i in order])
+    result = compare([record(s, users, model[s]) for s in (1, 2)], [shuffled[1], shuffled[2]], "ndcg@10")
+    differences = [a - b for s in (1, 2) for a, b in zip(model[s], reference[s])]
+    n = len(differences)
+    mean = sum(differences) / n
+    sd = math.sqrt(sum((d - mean) ** 2 for d in differences) / (n - 1))
+    t = mean / (sd / math.sqrt(n))
+    assert result["n"] == n == 80
+    assert result["t_p"] == pytest.approx(2 * stats.t.sf(abs(t), n - 1), rel=1e-9)
+    ref_mean = sum(v for s in (1, 2) for v in reference[s]) / n
+    assert result["relative_change"] == pytest.approx((mean + ref_mean) / ref_mean - 1)
+    assert 0 < result["wilcoxon_p"] < 1
+
+
+def test_only_common_seeds_and_users_are_paired():
+    result = compare([record(1, ["a", "b", "c"], [1, 0, 1]), record(9, ["a"], [1])],
+                     [record(1, ["b", "c", "d"], [0, 0, 1])], "ndcg@10")
+    assert result["n"] == 2 and result["mean"] == 0.5 and result["reference_mean"] == 0.0
+    assert compare([record(1, ["a"], [1])], [record(1, ["a"], [1])], "ndcg@10")["t_p"] == 1.0
+
+
+def test_spec_errors_name_the_problem(tmp_path):
+    path = tmp_path / "spec.yaml"
+    base = {"dataset": "D", "reference": "SASRec", "metric": "ndcg@10", "seeds": [1],
+            "models": {"SASRec": {"learning_rate": [1, 2, 3], "hidden_dropout_prob": [0.1, 0.2]}}}
+    path.write_text(yaml.safe_dump(base))
+    with pytest.raises(RecboleMMError, match="6 points, more than max_trials=4"):
+        load_spec(path)
+    path.write_text(yaml.safe_dump({**base, "reference": "GRU4Rec"}))
+    with pytest.raises(RecboleMMError, match="reference 'GRU4Rec' is not one of the models"):
+        load_spec(path)
+    path.write_text(yaml.safe_dump({**base, "seed": [1]}))
+    with pytest.raises(RecboleMMError, match="unknown keys"):
+        load_spec(path)
+    assert trial_points({"b": [1, 2], "a": [3]}) == [{"a": 3, "b": 1}, {"a": 3, "b": 2}]
+    assert trial_points({}) == [{}]
+
+
+def test_leaderboard_tunes_on_valid_trains_seeds_and_resumes(scientific_dir, in_tmp_cwd):
+    data = in_tmp_cwd / "data"
+    write_scientific_slice(scientific_dir, data, n_users=80)
+    budget = in_tmp_cwd / "budget.yaml"
+    budget.write_text(yaml.safe_dump({
+        "data_path": str(data), "benchmark_filename": ["train", "valid", "test"], "alias_of_item_id": ["item_id_list"],
+        "load_col": {"inter": ["user_id", "item_id_list", "item_id"]}, "TIME_FIELD": None,
+        "modalities": ["text", "image"],
+        "feature_tables": {"text": {"path": "SciSlice.feat1CLS", "dim": 512},
+                           "image": {"path": "SciSlice.feat3CLS", "dim": 512}},
+        "epochs": 2, "stopping_step": 10, "hidden_size": 16, "inner_size": 32, "n_layers": 1,
+        "train_batch_size": 256, "eval_batch_size": 256}))
+    spec_path = in_tmp_cwd / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump({
+        "dataset": "SciSlice", "reference": "SASRec", "metric": "ndcg@10", "seeds": [2020, 2021],
+        "config_files": [str(budget)], "models": {"SASRec": {}, "MMSASRec": {"learning_rate": [0.01, 0.0001]}}}))
+    spec = load_spec(spec_path)
+    output = in_tmp_cwd / "board"
+    outcomes = run_leaderboard(spec, output, isolate=False, log=lambda message: None)
+
+    trials = outcomes["MMSASRec"]["trials"]
+    best = max(trials, key=lambda trial: trial["record"]["best_valid_score"])
+    assert outcomes["MMSASRec"]["best_params"] == best["params"]  # chosen on validation, not test
+    finals = outcomes["MMSASRec"]["finals"]
+    assert [r["seed"] for r in finals] == [2020, 2021] and finals[0]["config_hash"] == best["record"]["config_hash"]
+    for r in finals:
+        # 2 epochs of a cap of 2 without an early stop: not converged
+        assert r["epochs"] == r["epoch_cap"] == 2
+        per_user = r["per_user"]
+        assert len(per_user["users"]) == len(set(per_user["users"])) == 80
+        assert np.mean(per_user["metrics"]["ndcg@10"]) == pytest.approx(r["test_result"]["ndcg@10"], abs=1e-4)
+    table = (output / "table.md").read_text()
+    assert "| MMSASRec | learning_rate=" in table and "0/2" in table and "reference" in table
+    assert (output / "ndcg_at_10.png").stat().st_size > 0
+    assert len((output / "tuning.csv").read_text().splitlines()) == 1 + 1 + 2
+
+    again = run_leaderboard(spec, output, isolate=False, log=lambda message: None)
+    assert all(r["reused"] for o in again.values() for r in o["finals"])
