@@ -78,7 +78,10 @@ def model_keys(model_name, model_class, recbole_mm_properties):
     for cls in inspect.getmro(model_class):
         if cls.__module__.split(".")[0] in ("torch", "builtins"):
             continue
-        keys |= _keys_read_in(inspect.getsourcefile(cls))
+        try:
+            keys |= _keys_read_in(inspect.getsourcefile(cls))
+        except (OSError, TypeError):  # a class without a source file (defined interactively): its declared keys only
+            pass
         keys |= set(getattr(cls, "CONFIG_KEYS", ()))
     return keys
 
