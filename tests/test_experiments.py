@@ -29,7 +29,7 @@ def slice_config(scientific_dir, tmp_path):
 
 def test_table_runs_cells_reports_failures_and_reuses_finished_cells(slice_config, tmp_path, in_tmp_cwd):
     bad_gru = tmp_path / "bad_gru.yaml"
-    bad_gru.write_text("loss_type: XYZ\n")  # GRU4Rec raises in its constructor, inside the cell's process
+    bad_gru.write_text("loss_type: XYZ\ntrain_neg_sample_args: ~\n")  # GRU4Rec raises in its constructor, in the cell's process
     own_metrics = tmp_path / "own_metrics.yaml"  # a model's own evaluation settings: the table's win
     own_metrics.write_text("metrics: [Hit]\ntopk: [5]\nvalid_metric: Hit@5\nhidden_dropout_prob: 0.3\n")
     output = tmp_path / "results"

@@ -3,6 +3,8 @@ read from the store when it finished before, else trained (in a fresh process by
 import time
 from pathlib import Path
 
+import yaml
+
 from recbole_mm.compat import plain_config
 from recbole_mm.config import Config
 from recbole_mm.experiments.hashing import config_hash, effective_config
@@ -18,12 +20,17 @@ EVALUATION_KEYS = ("eval_args", "metrics", "topk", "valid_metric", "valid_metric
 
 
 class _SharedLayersConfig(Config):
-    """A model's configuration without its own yaml files (RecBole's or recbole-mm's)."""
+    """A model's configuration whose evaluation settings ignore its own yaml files (RecBole's or
+    recbole-mm's); their other keys (e.g. loss_type, which the config needs) stay."""
 
     def _update_internal_config_dict(self, file):
-        if Path(file).parent.name == "model":
-            return {}
-        return super()._update_internal_config_dict(file)
+        if Path(file).parent.name != "model":
+            return super()._update_internal_config_dict(file)
+        with open(file, encoding="utf-8") as handle:
+            config_dict = yaml.load(handle.read(), Loader=self.yaml_loader) or {}
+        kept = {key: value for key, value in config_dict.items() if key not in EVALUATION_KEYS}
+        self.internal_config_dict.update(kept)
+        return kept
 
 
 def shared_evaluation_settings(model, dataset, config_file_list, config_dict, cmd_args):
