@@ -356,14 +356,14 @@ def load_checkpoint(path, map_location="cpu"):
     except Exception as error:  # torch raises UnpicklingError / RuntimeError / EOFError variants here
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         size = os.path.getsize(path)
-        if "Unsupported global" in str(error) or "weights_only" in str(error):
+        with open(path, "rb") as handle:
+            magic = handle.read(4)
+        if magic[:1] == b"\x80" or (magic == b"PK\x03\x04" and "Unsupported global" in str(error)):
             raise RecboleMMError(
                 f"Checkpoint {path} contains pickled Python objects, which recbole-mm does not load (loading them "
                 "could run arbitrary code). A checkpoint written by RecBole's own Trainer pickles its Config: retrain "
                 "with recbole-mm, or re-save that checkpoint with the config converted to a dict."
             ) from None
-        with open(path, "rb") as handle:
-            magic = handle.read(4)
         if magic == b"PK\x03\x04" and not zipfile.is_zipfile(path):
             cause = (f"it is truncated or corrupt ({size} bytes; {reason}), e.g. a copy or download that stopped "
                      "early, or a full disk")

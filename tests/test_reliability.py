@@ -69,10 +69,10 @@ def test_damaged_checkpoints_passed_to_resume(trained, tmp_path):
 
 
 def test_pickled_checkpoint_is_refused_with_the_reason(tmp_path):
-    import collections
+    import argparse
 
     pickled = tmp_path / "recbole.pth"
-    torch.save({"config": collections.Counter(a=1), "state_dict": {}}, pickled)
+    torch.save({"config": argparse.Namespace(model="SASRec"), "state_dict": {}}, pickled)
     from recbole_mm.compat import load_checkpoint
 
     with pytest.raises(RecboleMMError, match="pickled Python objects"):
