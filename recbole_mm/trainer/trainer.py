@@ -34,7 +34,7 @@ def _random_generators(model, train_data):
     owners.update({f"model.{name}" if name else "model": module for name, module in model.named_modules()})
     generators = {}
     for owner_name, owner in owners.items():
-        for attribute, value in (vars(owner).items() if owner is not None else ()):
+        for attribute, value in getattr(owner, "__dict__", {}).items():
             if isinstance(value, (torch.Generator, np.random.Generator, random.Random)):
                 generators[f"{owner_name}.{attribute}"] = value
             elif hasattr(value, "training_rng") and isinstance(value.training_rng, np.random.Generator):
