@@ -59,8 +59,9 @@ WINDOW = 10
 MIN_HISTORY = 3
 BENCHMARK_HEADER = ["user_id:token", "item_id_list:token_seq", "item_id:token"]
 
-# Everything a pickled DataFrame of int and list-of-int columns is built from, across the pandas 1.x/2.x
-# and numpy 1.x/2.x module layouts; nothing here can run code chosen by the file.
+# Everything a pickled DataFrame of int and list-of-int columns is built from, across the pandas 1.x-3.x
+# and numpy 1.x/2.x module layouts (pandas 3 names its public classes from ``pandas`` itself and keeps
+# column labels in a StringArray); nothing here can run code chosen by the file.
 ALLOWED_PICKLE_GLOBALS = frozenset({
     ("builtins", "slice"),
     ("numpy", "dtype"),
@@ -79,6 +80,15 @@ ALLOWED_PICKLE_GLOBALS = frozenset({
     ("pandas.core.internals.managers", "SingleBlockManager"),
     ("pandas.core.internals.blocks", "new_block"),
     ("pandas._libs.internals", "_unpickle_block"),
+    ("pandas", "DataFrame"),
+    ("pandas", "Series"),
+    ("pandas", "Index"),
+    ("pandas", "RangeIndex"),
+    ("pandas", "StringDtype"),
+    ("pandas.arrays", "StringArray"),
+    ("pandas.core.arrays.string_", "StringArray"),
+    ("pandas.core.arrays.string_", "StringDtype"),
+    ("pandas._libs.arrays", "__pyx_unpickle_NDArrayBacked"),
 })
 
 
