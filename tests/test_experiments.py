@@ -227,3 +227,14 @@ def test_ray_tune_path_runs_or_explains_why_not(slice_config, tmp_path, in_tmp_c
     assert summary["best_params"] == {"hidden_size": 16} and summary["failed"] == 0
     assert 0 <= summary["metrics"]["test ndcg@10"] <= 1
     assert json.loads((tmp_path / "ray" / "best.json").read_text())["best_params"] == {"hidden_size": 16}
+
+
+def test_an_option_at_its_behaviour_preserving_default_keeps_stored_cells():
+    from recbole_mm.experiments.hashing import BEHAVIOUR_PRESERVING_DEFAULTS
+
+    before = {"model": "SASRec", "learning_rate": 0.001, "seed": 2020}  # a cell stored before these options
+    with_defaults = {**before, **BEHAVIOUR_PRESERVING_DEFAULTS, "full_sort_item_chunk": 4096}
+    assert config_hash(with_defaults) == config_hash(before)
+    assert config_hash({**with_defaults, "optimizer_eps": 1e-9}) != config_hash(before)
+    assert config_hash({**with_defaults, "gradient_accumulation_loss": "sum"}) != config_hash(before)
+    assert config_hash({**before, "learning_rate": 0.003}) != config_hash(before)

@@ -1,5 +1,7 @@
 """What identifies a cell: its effective configuration, with the dataset folder's content in place
-of its location, hashed (``config_hash``): a rerun finds finished cells, any change gives a new one."""
+of its location, hashed (``config_hash``): a rerun finds finished cells, any change gives a new one. The hash covers the
+configuration and the data, not the code: a change of what a model computes under the same settings
+needs a new output folder (or the old cells removed)."""
 import hashlib
 import json
 import os
@@ -19,7 +21,20 @@ def effective_config(model, dataset, config_file_list=None, config_dict=None, cm
 # (``extra_config_keys`` only declares keys, whose values are hashed themselves).
 # ``data_path`` is replaced by the content of the dataset folder (``dataset_fingerprint``).
 PLACEMENT_KEYS = ("checkpoint_dir", "device", "gpu_id", "use_gpu", "show_progress", "state", "data_path",
-                  "local_rank", "single_spec", "log_wandb", "wandb_project", "worker", "extra_config_keys")
+                  "local_rank", "single_spec", "log_wandb", "wandb_project", "worker", "extra_config_keys",
+                  "full_sort_item_chunk")
+
+# Options added after results stores existed, each with the value that computes what runs did before
+# the option: at that value the key is left out of the hash, so adding an option that is off by
+# default keeps every stored cell valid; any other value is a different cell.
+BEHAVIOUR_PRESERVING_DEFAULTS = {
+    "gradient_accumulation_loss": "mean",
+    "mixed_precision": None,
+    "no_weight_decay_on": [],
+    "optimizer_eps": None,
+    "recipe": None,
+    "timestamps_are_order": False,
+}
 
 _file_digests = {}  # (path, size, mtime_ns) -> sha256: a table run hashes each dataset file once
 
@@ -54,7 +69,8 @@ def dataset_fingerprint(config):
 def config_hash(config):
     """Short stable hash of an effective config (a plain dict) and of the dataset files it reads,
     placement keys excluded."""
-    kept = {key: value for key, value in config.items() if key not in PLACEMENT_KEYS}
+    kept = {key: value for key, value in config.items() if key not in PLACEMENT_KEYS
+            and not (key in BEHAVIOUR_PRESERVING_DEFAULTS and value == BEHAVIOUR_PRESERVING_DEFAULTS[key])}
     kept["dataset files"] = dataset_fingerprint(config)
     text = json.dumps(kept, sort_keys=True, default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
