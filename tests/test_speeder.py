@@ -283,3 +283,54 @@ def test_lora_stages_train_only_adapters_of_the_llm(workdir):
         for name, parameter in model.llm.named_parameters():
             is_lora = "lora_" in name
             assert parameter.requires_grad == is_lora and (parameter.grad is not None) == is_lora, (stage.name, name)
+
+
+def test_candidate_slot_identity_adds_each_label_embedding_to_its_slot(workdir):
+    _, (train_data, _, _), model, _ = build("Speeder", "SciSlice", config_dict=speeder_config(
+        workdir, candidate_slot_identity=True))
+    model.eval()
+    batch = first_batch(train_data)
+    histories, lengths = batch[model.ITEM_SEQ][:4], batch[model.ITEM_SEQ_LEN][:4]
+    candidates, _ = model.candidate_sampler.training_candidates(histories, batch[model.POS_ITEM_ID][:4])
+    _, items, _ = model._assemble(histories, lengths, candidates, "recommend")
+    table = model.llm._causal_lm().get_input_embeddings().weight
+    width = int(lengths.max())
+    with torch.no_grad():
+        plain = model.item_tokens(candidates)
+        for slot, label in enumerate(model.prompt.labels[: candidates.shape[1]]):
+            label_row = table[model.llm.tokenizer.convert_tokens_to_ids(label.lower())]
+            torch.testing.assert_close(items[:, width + slot], plain[:, slot] + label_row)
+        # history slots and PPT prompts are untouched
+        _, ppt_items, _ = model._assemble(histories, lengths, candidates[:, :3], "ppt")
+        torch.testing.assert_close(ppt_items[:, width:], plain[:, :3])
+
+
+def test_tied_embeddings_share_one_table_and_train_it_from_both_ends(workdir):
+    _, (train_data, _, _), model, _ = build("Speeder", "SciSlice", config_dict=speeder_config(
+        workdir, llm_tie_embeddings=True))
+    causal_lm = model.llm._causal_lm()
+    assert causal_lm.get_output_embeddings().weight is causal_lm.get_input_embeddings().weight
+    model.calculate_loss(first_batch(train_data)).backward()
+    grad = causal_lm.get_input_embeddings().weight.grad
+    never_in_a_prompt = [i for i in range(grad.shape[0]) if i not in set(model.prompt.label_ids)
+                         and i != model.prompt.eos]
+    # output-side gradient (softmax over the full vocabulary) reaches rows no prompt ever embeds
+    assert grad[never_in_a_prompt].abs().sum() > 0
+
+
+def test_speeder_trains_a_step_on_a_pretrained_local_checkpoint(workdir):
+    from tests.test_llm import minilm_path
+
+    _, (train_data, valid_data, _), model, _ = build("Speeder", "SciSlice", config_dict=speeder_config(
+        workdir, llm_path=minilm_path(), lora_target_modules=["query", "value"], lora_rank=2))
+    assert model.llm.hidden_size == 384 and model.position_prompt.shape[1] == 384
+    assert model.prompt.bos == [model.llm.tokenizer.cls_token_id] and model.prompt.eos == model.llm.tokenizer.sep_token_id
+    loss = model.calculate_loss(first_batch(train_data))
+    loss.backward()
+    lora = [p for n, p in model.llm.named_parameters() if "lora_B" in n]
+    assert lora and all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora)
+    model.eval()
+    interaction = eval_interaction(first_batch(valid_data))
+    with torch.no_grad():
+        scores = model.full_sort_predict(interaction)
+    assert (torch.isfinite(scores).sum(dim=1) == model.num_candidates).all()

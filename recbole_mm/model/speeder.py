@@ -169,6 +169,7 @@ class Speeder(MultimodalSequentialRecommender):
         self.num_candidates = int(config["num_candidates"])
         self.ppt_rate = float(config["ppt_rate"])
         self.use_ppl = bool(config["use_ppl"])
+        self.candidate_slot_identity = bool(config["candidate_slot_identity"])
         self.inference = config["inference"]
         self.max_new_tokens = int(config["max_new_tokens"])
         if self.inference not in INFERENCE_MODES:
@@ -288,6 +289,11 @@ class Speeder(MultimodalSequentialRecommender):
         history_tokens, extra_tokens = tokens[:, :width], tokens[:, width:]
         if self.use_ppl:  # eq. 17: S^inter = S^mm + PPL_i
             history_tokens = history_tokens + truncated_position_prompt(self.position_prompt, lengths, width)
+        if self.candidate_slot_identity and kind == "recommend":
+            # a backbone without pretrained copy heads learns to point at a slot far sooner when the
+            # slot itself carries its label's embedding (the CPU default; the paper's prompt has only "A [item]")
+            label_ids = torch.tensor(self.prompt.label_ids[: extra_items.shape[1]], device=extra_tokens.device)
+            extra_tokens = extra_tokens + self.llm.embed_tokens(label_ids).to(extra_tokens.dtype)
         rows = [
             self.prompt.recommendation(n, extra_items.shape[1])[0] if kind == "recommend" else self.prompt.position_proxy(n)[0]
             for n in lengths.tolist()

@@ -2,7 +2,8 @@
 
 What it does:
 - loads any local causal-LM checkpoint (``llm_path``), optionally 4-bit (NF4) when bitsandbytes
-  and CUDA are present;
+  and CUDA are present; a bare encoder checkpoint (BERT, MiniLM) runs as a causal decoder under the
+  LM head transformers pairs with it;
 - without a checkpoint, builds a small *untrained* Llama-architecture model from config with a
   word-level tokenizer built offline over the prompt vocabulary (nothing is downloaded);
 - tunes it with LoRA (peft) or fully (``llm_tuning: lora | full | frozen``);
@@ -11,7 +12,7 @@ What it does:
 
 Config keys (all optional; see ``backbone_from_config``):
 ``llm_path``, ``llm_tokenizer_path``, ``llm_load_in_4bit``, ``llm_hidden_size``, ``llm_num_layers``,
-``llm_num_heads``, ``llm_intermediate_size``, ``llm_max_positions``, ``llm_tuning``, ``lora_rank``,
+``llm_num_heads``, ``llm_intermediate_size``, ``llm_max_positions``, ``llm_tie_embeddings``, ``llm_tuning``, ``lora_rank``,
 ``lora_alpha``, ``lora_dropout``, ``lora_target_modules``.
 """
 
@@ -103,6 +104,7 @@ def build_small_llama(
     pad_token_id: int = 0,
     bos_token_id: int = 2,
     eos_token_id: int = 3,
+    tie_embeddings: bool = False,
 ):
     """A randomly initialised Llama-architecture causal LM (the CPU default: untrained)."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -122,9 +124,16 @@ def build_small_llama(
         pad_token_id=pad_token_id,
         bos_token_id=bos_token_id,
         eos_token_id=eos_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_embeddings,
     )
     return LlamaForCausalLM(llama_config)
+
+
+def is_encoder_only(config) -> bool:
+    """A checkpoint saved as a bare encoder (architectures like ``BertModel``), not as a language model."""
+    architectures = config.architectures or []
+    language_model = any(name.endswith(("ForCausalLM", "LMHeadModel")) for name in architectures)
+    return bool(architectures) and not language_model and not config.is_decoder and not config.is_encoder_decoder
 
 
 def four_bit_available() -> bool:
@@ -137,7 +146,7 @@ def load_pretrained_causal_lm(llm_path: str, load_in_4bit: bool = False, tokeniz
     ``load_in_4bit`` uses bitsandbytes NF4 (as the MME-SID authors do) when bitsandbytes and CUDA
     exist; otherwise it warns and loads the full-precision weights.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if not os.path.isdir(llm_path):
         raise FileNotFoundError(
@@ -158,8 +167,19 @@ def load_pretrained_causal_lm(llm_path: str, load_in_4bit: bool = False, tokeniz
             kwargs["device_map"] = {"": torch.cuda.current_device()}
         else:
             logger.warning("llm_load_in_4bit=True needs bitsandbytes and CUDA; loading full-precision weights.")
-    model = AutoModelForCausalLM.from_pretrained(llm_path, **kwargs)
+    config = AutoConfig.from_pretrained(llm_path, local_files_only=True)
+    if is_encoder_only(config):
+        # e.g. a BERT / MiniLM sentence encoder: run its layers with a causal mask (is_decoder) under
+        # the LM head transformers pairs with it (tied to the word embeddings; its transform is new)
+        logger.warning(f"llm_path={llm_path!r} is an encoder ({', '.join(config.architectures or [config.model_type])}):"
+                       " using it as a causal decoder; its LM-head transform starts untrained.")
+        config.is_decoder = True
+    model = AutoModelForCausalLM.from_pretrained(llm_path, config=config, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or llm_path, local_files_only=True)
+    if tokenizer.eos_token is None and tokenizer.sep_token is not None:
+        tokenizer.eos_token = tokenizer.sep_token  # BERT-style tokenizers end a sequence with [SEP]
+    if tokenizer.bos_token is None and tokenizer.cls_token is not None:
+        tokenizer.bos_token = tokenizer.cls_token
     if tokenizer.pad_token is None:
         # Llama tokenizers ship without a pad token; padding is always masked, so eos is safe.
         tokenizer.pad_token = tokenizer.eos_token
@@ -370,6 +390,7 @@ def backbone_from_config(config, vocab_texts: Iterable[str] = (), extra_special_
             pad_token_id=tokenizer.pad_token_id,
             bos_token_id=tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id,
+            tie_embeddings=bool(_config_value(config, "llm_tie_embeddings", False)),
         )
     return LLMBackbone(
         model,
