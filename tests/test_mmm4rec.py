@@ -359,7 +359,15 @@ def test_cli_one_epoch_on_a_timestamped_dataset(in_tmp_cwd, capsys):
     config_file = in_tmp_cwd / "time.yaml"
     config_file.write_text(yaml.safe_dump(timestamped_config(root)))
     assert cli_main(["--model=MMM4Rec", "--dataset=TimeToy", f"--config_files={config_file}"]) == 0
-    assert "[recbole-mm] model=MMM4Rec dataset=TimeToy" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "[recbole-mm] model=MMM4Rec dataset=TimeToy" in out
+    # the time path was built and trained: the time-step modules exist, and gradients reached the time
+    # LayerNorm over L (its bias starts at 0 and only a gradient moves it; weight decay alone would not)
+    checkpoint = torch.load(out.strip().splitlines()[-1].split("checkpoint=")[1], weights_only=True)
+    state = checkpoint["state_dict"]
+    assert checkpoint["config"]["is_time"] is True
+    assert any(".time_step." in key for key in state) and any(".fourier_filter." in key for key in state)
+    assert not torch.equal(state["time_norm.bias"], torch.zeros(10))
 
 
 def test_cli_pretrain_on_two_datasets_then_fine_tune(scientific_dir, in_tmp_cwd, capsys):
