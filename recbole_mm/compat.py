@@ -344,6 +344,7 @@ def load_checkpoint(path, map_location="cpu"):
     it is; RecBole's own checkpoints (with a pickled ``Config``) are rejected with an explanation
     rather than loaded unsafely.
     """
+    import pickle
     import zipfile
 
     from recbole_mm.utils import RecboleMMError
@@ -358,7 +359,10 @@ def load_checkpoint(path, map_location="cpu"):
         size = os.path.getsize(path)
         with open(path, "rb") as handle:
             magic = handle.read(4)
-        if magic[:1] == b"\x80" or (magic == b"PK\x03\x04" and "Unsupported global" in str(error)):
+        # torch's weights-only unpickler refuses every global it does not allow (a class such as RecBole's
+        # Config, or a function call such as os.system) with an UnpicklingError saying so
+        refused = isinstance(error, pickle.UnpicklingError) and "Weights only load failed" in str(error)
+        if magic[:1] == b"\x80" or (magic == b"PK\x03\x04" and refused):
             raise RecboleMMError(
                 f"Checkpoint {path} contains pickled Python objects, which recbole-mm does not load (loading them "
                 "could run arbitrary code). A checkpoint written by RecBole's own Trainer pickles its Config: retrain "

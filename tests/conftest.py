@@ -1,3 +1,5 @@
+import importlib
+import importlib.util
 import os
 import shutil
 from pathlib import Path
@@ -8,6 +10,13 @@ import pytest
 from recbole_mm.config import DATA_ENV_VAR, default_data_path
 
 REQUIRE_DATA_ENV = "RECBOLE_MM_REQUIRE_DATA"
+# Extras whose tests must run (comma-separated, e.g. "encode"): .ci/run lists the extras it installs on
+# purpose, so a missing or broken one fails there instead of skipping (docs/development.md, "CI").
+REQUIRE_EXTRAS_ENV = "RECBOLE_MM_REQUIRE_EXTRAS"
+# Set by .ci/run: the only skips allowed are GPU-only tests without CUDA and tests of an extra that this
+# venv does not install (import_extra); any other skip is reported as a failure.
+CI_ENV = "RECBOLE_MM_CI"
+UNINSTALLED_EXTRA_SKIP = "not installed in this environment: needs the"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # The test suite's shared datasets: $RECBOLE_MM_DATA, else a shared/datasets folder beside the checkout.
 os.environ.setdefault(DATA_ENV_VAR, str(PROJECT_ROOT.parent / "shared" / "datasets"))
@@ -18,6 +27,20 @@ STACK_TEST_MODULES = {
     "test_compat", "test_config", "test_feature_hook", "test_candidates", "test_mmsasrec", "test_trainer",
     "test_cli", "test_dataset_conversion",
 }
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if os.environ.get(CI_ENV) != "1" or not report.skipped or hasattr(report, "wasxfail"):
+        return
+    reason = str(report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr)
+    if "CUDA" in reason or UNINSTALLED_EXTRA_SKIP in reason:
+        return
+    report.outcome = "failed"
+    report.longrepr = (f"{CI_ENV}=1 (.ci/run): only GPU-only tests may skip here, but this test skipped: {reason}. "
+                       "Install what it needs in CI, or make it pass without it.")
 
 
 def pytest_collection_modifyitems(items):
@@ -35,6 +58,28 @@ def shared_dataset_dir(name):
             pytest.fail(message + f"; {REQUIRE_DATA_ENV}=1 makes this a failure")
         pytest.skip(message)
     return path
+
+
+def required_extras():
+    return {name.strip() for name in os.environ.get(REQUIRE_EXTRAS_ENV, "").split(",") if name.strip()}
+
+
+def import_extra(module, extra, broken_means_absent=False):
+    """``module`` of the ``extra`` install (setup.cfg), imported. Where it does not import: a failure
+    when ``extra`` is in $RECBOLE_MM_REQUIRE_EXTRAS (CI installed it on purpose) or when the package is
+    installed but broken (a broken build must not look green); else a skip saying how to install it.
+    ``broken_means_absent``: an installed package that does not import without the extra counts as
+    absent (RecBole installs ray 2.6.3, which imports only with the ray extra's setuptools<81)."""
+    try:
+        return importlib.import_module(module)
+    except Exception as error:  # ImportError, or whatever a broken package raises while importing
+        install = f"pip install -e '.[{extra}]'"
+        if extra in required_extras():
+            pytest.fail(f"{module} does not import ({type(error).__name__}: {error}), but {REQUIRE_EXTRAS_ENV} "
+                        f"lists the {extra} extra: install it with {install}")
+        if importlib.util.find_spec(module.split(".")[0]) is not None and not broken_means_absent:
+            pytest.fail(f"{module} is installed but does not import ({type(error).__name__}: {error})")
+        pytest.skip(f"{module} is {UNINSTALLED_EXTRA_SKIP} {extra} extra ({install})")
 
 
 @pytest.fixture(scope="session")

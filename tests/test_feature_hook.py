@@ -1,5 +1,5 @@
 """The feature hook against the raw files, on a slice of Scientific and a timestamped toy dataset."""
-import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -132,10 +132,11 @@ def test_pt_format_equals_npy(toy):
     assert torch.equal(dataset.item_features["text"], reference.item_features["text"])
 
 
-def test_nan_rows_name_the_items(toy):
+@pytest.mark.parametrize("bad_value", [np.nan, np.inf, -np.inf])
+def test_non_finite_rows_name_the_items(toy, bad_value):
     root, target, features = toy
     broken = features.copy()
-    broken[4, 2] = np.nan
+    broken[4, 2] = bad_value
     write_table(target / "nan.npy", broken)
     message = expect_error(root, "NaN/inf", path="nan.npy")
     token_of_row_4 = [line.split("\t")[0] for line in (target / "TimeToy.item2index").read_text().splitlines()][4]
@@ -186,24 +187,54 @@ def test_unknown_modality_is_named(toy):
         build_dataset(config, "TimeToy")
 
 
+PEAK_MEMORY_PROBE = """
+import re, sys
+from pathlib import Path
+import numpy as np
+from recbole_mm.data.features import FeatureTableSpec, load_feature_table
+
+def kib(key):
+    return int(re.search(key + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))
+
+path, n_rows = sys.argv[1], int(sys.argv[2])
+tokens = np.array(["[PAD]"] + [str(i) for i in np.random.default_rng(1).permutation(n_rows)])
+spec = FeatureTableSpec(name="big", path=Path(path))
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak resident size (VmHWM) to the current one
+before = kib("VmRSS")
+table, mask, _ = load_feature_table(spec, tokens, None)
+print((kib("VmHWM") - before) * 1024)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="reads the peak resident size from /proc")
 def test_large_table_is_copied_once(tmp_path):
-    """mmap + chunked gather: peak extra memory stays near one copy of the table (not two)."""
+    """mmap + chunked gather: the process's peak resident memory (every allocation, numpy's and
+    torch's alike) grows by one copy of the table plus the file's mapped pages, not by two copies."""
+    import subprocess
+    import sys
+
     n_rows, dim = 60_000, 128
     table = np.random.default_rng(0).standard_normal((n_rows, dim)).astype(np.float32)
     np.save(tmp_path / "big.npy", table)
-    tokens = np.array(["[PAD]"] + [str(i) for i in np.random.default_rng(1).permutation(n_rows)])
     del table
+    rows = np.load(tmp_path / "big.npy", mmap_mode="r")
     spec = FeatureTableSpec(name="big", path=tmp_path / "big.npy")
-    tracemalloc.start()
-    result, mask, _ = load_feature_table(spec, tokens, None)
-    _, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
+    from recbole_mm.data.features import open_feature_file
+
+    assert isinstance(open_feature_file(spec), np.memmap)  # read through the page cache, not into memory
+    probe = subprocess.run([sys.executable, "-c", PEAK_MEMORY_PROBE, str(tmp_path / "big.npy"), str(n_rows)],
+                           capture_output=True, text=True, timeout=300)
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    peak_growth = int(probe.stdout.split()[-1])
     one_copy = (n_rows + 1) * dim * 4
-    assert peak < 1.35 * one_copy, f"peak {peak / one_copy:.2f} copies"
+    file_pages = (tmp_path / "big.npy").stat().st_size  # mapped while copied; the kernel may drop them
+    # measured: file pages + 1.34 table sizes (the chunk buffers and 60,000 token strings are the 0.34)
+    assert peak_growth < file_pages + 1.5 * one_copy, f"peak grew by {peak_growth / one_copy:.2f} table sizes"
+    tokens = np.array(["[PAD]"] + [str(i) for i in np.random.default_rng(1).permutation(n_rows)])
+    result, mask, _ = load_feature_table(spec, tokens, None)
     assert result.shape == (n_rows + 1, dim) and mask[1:].all()
-    source = np.load(tmp_path / "big.npy", mmap_mode="r")
     for internal_id in (1, 777, n_rows):
-        assert np.array_equal(result[internal_id].numpy(), source[int(tokens[internal_id])])
+        assert np.array_equal(result[internal_id].numpy(), rows[int(tokens[internal_id])])
 
 
 @pytest.mark.parametrize("model", ["MMSASRec", "SASRec"])

@@ -215,6 +215,50 @@ def test_longer_rows_are_cut_to_their_last_max_len_items(time_model):
                                    model(*on(expected_items, lengths.clamp(max=4), expected_times)))
 
 
+# ------------------------------------------------------------------ stream roles and the score (eqs. 2, 19)
+def test_streams_user_vector_and_scores_follow_the_paper_written_out(time_model):
+    """Key stream = modalities[0] (text), query stream = modalities[1] (image), each LN(W f + b + beta)
+    (eq. 2); the user vector is the query stream's last-layer output at the last real item; and
+    s(u, i) = (h_u . e^k_i / ||e^k_i|| + h_u . e^q_i / ||e^q_i||) / temperature (eq. 19)."""
+    temperature = 0.3
+    _, (_, _, test_data), model = time_model(temperature=temperature, num_layers=2)
+    assert model.key_modality == "text" and model.query_modality == "image" and model.is_modality_bias
+    interaction = next(iter(test_data))[0].to(model.device)
+    layer_inputs, layer_outputs = [], []
+    model.layers[0].register_forward_pre_hook(lambda module, args: layer_inputs.append(args))
+    model.layers[-1].register_forward_hook(lambda module, args, out: layer_outputs.append(out))
+    with torch.no_grad():
+        full = model.full_sort_predict(interaction)
+        predicted = model.predict(interaction)
+    items, lengths = interaction["item_id_list"], interaction["item_length"]
+
+    def embedding(modality, ids):  # e^m = W_m f^m + b_m + beta^m (eq. 2), from the parameters themselves
+        adapter = model.adapters[modality]
+        return (model.feature_table(modality)[ids] @ adapter.weight.t() + adapter.bias
+                + model.item_modality_bias[modality][ids]).detach()
+
+    key_input, _, query_input, _, _ = layer_inputs[0]
+    for modality, got in (("text", key_input), ("image", query_input)):
+        norm = model.input_norms[modality]
+        with torch.no_grad():
+            expected = F.layer_norm(embedding(modality, items), (model.hidden_size,), norm.weight, norm.bias, norm.eps)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    query_output = layer_outputs[0][2]
+    user = query_output[torch.arange(len(items)), lengths - 1]
+
+    def score(row, item):
+        total = 0.0
+        for modality in ("text", "image"):
+            e = embedding(modality, torch.tensor([item]))[0].double()
+            total += float(user[row].double() @ e) / math.sqrt(float(e @ e))
+        return total / temperature
+
+    for row in range(3):
+        for item in (1, 5, model.n_items - 1):
+            assert float(full[row, item]) == pytest.approx(score(row, item), rel=1e-4, abs=1e-5)
+        assert float(predicted[row]) == pytest.approx(score(row, int(interaction["item_id"][row])), rel=1e-4, abs=1e-5)
+
+
 # ------------------------------------------------------------------ ablation switches and losses
 def test_shared_alignment_ssd_runs_on_both_streams_and_separate_switch_adds_one_tissd(time_model):
     _, (train_data, _, _), shared = time_model(perturb=False)
@@ -315,7 +359,15 @@ def test_cli_one_epoch_on_a_timestamped_dataset(in_tmp_cwd, capsys):
     config_file = in_tmp_cwd / "time.yaml"
     config_file.write_text(yaml.safe_dump(timestamped_config(root)))
     assert cli_main(["--model=MMM4Rec", "--dataset=TimeToy", f"--config_files={config_file}"]) == 0
-    assert "[recbole-mm] model=MMM4Rec dataset=TimeToy" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "[recbole-mm] model=MMM4Rec dataset=TimeToy" in out
+    # the time path was built and trained: the time-step modules exist, and gradients reached the time
+    # LayerNorm over L (its bias starts at 0 and only a gradient moves it; weight decay alone would not)
+    checkpoint = torch.load(out.strip().splitlines()[-1].split("checkpoint=")[1], weights_only=True)
+    state = checkpoint["state_dict"]
+    assert checkpoint["config"]["is_time"] is True
+    assert any(".time_step." in key for key in state) and any(".fourier_filter." in key for key in state)
+    assert not torch.equal(state["time_norm.bias"], torch.zeros(10))
 
 
 def test_cli_pretrain_on_two_datasets_then_fine_tune(scientific_dir, in_tmp_cwd, capsys):

@@ -68,15 +68,46 @@ def test_damaged_checkpoints_passed_to_resume(trained, tmp_path):
                        "other sizes", "--config_files")
 
 
-def test_pickled_checkpoint_is_refused_with_the_reason(tmp_path):
-    import argparse
+class RunsCodeWhenUnpickled:
+    """Unpickling this calls os.mkdir(marker): what a malicious checkpoint would do."""
 
-    pickled = tmp_path / "recbole.pth"
-    torch.save({"config": argparse.Namespace(model="SASRec"), "state_dict": {}}, pickled)
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return os.mkdir, (self.marker,)
+
+
+def test_checkpoint_loader_never_runs_pickled_code(tmp_path):
+    """compat.load_checkpoint must unpickle with weights_only=True: with weights_only=False this file
+    loads as a valid checkpoint and creates the marker directory."""
     from recbole_mm.compat import load_checkpoint
 
+    marker = tmp_path / "code-ran"
+    malicious = tmp_path / "malicious.pth"
+    torch.save({"config": {"model": "SASRec"}, "state_dict": {}, "payload": RunsCodeWhenUnpickled(marker)}, malicious)
     with pytest.raises(RecboleMMError, match="pickled Python objects"):
-        load_checkpoint(pickled)
+        load_checkpoint(malicious)
+    assert not marker.exists(), "loading the checkpoint executed the pickled call"
+
+
+def test_recbole_trainer_checkpoint_is_refused_with_the_reason(tmp_path):
+    """What RecBole 1.2.1's Trainer._save_checkpoint writes: its Config object pickled beside the weights."""
+    from recbole.config import Config as RecBoleConfig
+
+    from recbole_mm.compat import load_checkpoint
+
+    config = RecBoleConfig("SASRec", "ml-100k", config_dict={"data_path": str(tmp_path), "show_progress": False,
+                                                              "train_neg_sample_args": None})
+    recbole_file = tmp_path / "SASRec-recbole.pth"
+    torch.save({"config": config, "epoch": 0, "cur_step": 3, "best_valid_score": 0.1,
+                "state_dict": {"item_embedding.weight": torch.zeros(4, 2)}, "other_parameter": None,
+                "optimizer": {"state": {}, "param_groups": []}}, recbole_file, pickle_protocol=4)
+    with pytest.raises(RecboleMMError, match="pickled Python objects") as error:
+        load_checkpoint(recbole_file)
+    assert "RecBole's own Trainer pickles its Config" in str(error.value) and str(recbole_file) in str(error.value)
 
 
 def test_table_runner_bad_input_exits_2_before_training(tmp_path):

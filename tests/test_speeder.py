@@ -192,11 +192,35 @@ def test_three_stage_run_and_candidate_metrics(workdir):
     assert stages_entered == ["1:text", "2:text+image", "3:text+image+id"]
     result = trainer.evaluate(test_data, load_best_model=True)
     assert set(result) == {"hr@1", "validratio", "vhr@1"}
-    assert result["validratio"] == 1.0 and 0.0 <= result["hr@1"] <= 1.0
+    hits, valid = answers_by_hand(model, test_data, "constrained")
+    assert result["validratio"] == 1.0 == valid.float().mean()
+    assert result["hr@1"] == pytest.approx(float(hits.sum() / valid.sum()), abs=1e-4)
     model.inference = "generate"
     generated = trainer.evaluate(test_data, load_best_model=False)
-    assert 0.0 <= generated["validratio"] <= 1.0
-    assert generated["vhr@1"] == pytest.approx(generated["validratio"] * generated["hr@1"], abs=2e-4)
+    hits, valid = answers_by_hand(model, test_data, "generate")
+    assert generated["validratio"] == pytest.approx(float(valid.float().mean()), abs=1e-4)
+    assert generated["hr@1"] == pytest.approx(float(hits.sum() / max(int(valid.sum()), 1)), abs=1e-4)
+    assert generated["vhr@1"] == pytest.approx(float(hits.float().mean()), abs=1e-4)
+
+
+def answers_by_hand(model, test_data, inference):
+    """(hit, valid) per test sample: the constrained answer is the candidate with the largest label
+    logit; the generated one is the candidate its parsed reply names (-1: none, an invalid answer)."""
+    model.eval()
+    hits, valid = [], []
+    with torch.no_grad():
+        for batched in test_data:
+            interaction = eval_interaction(batched)
+            candidates, _ = model.evaluation_candidates(interaction)
+            if inference == "constrained":
+                slots = model.candidate_scores(interaction, candidates).argmax(dim=1)
+            else:
+                slots, _ = model.generate_answers(interaction, candidates)
+            answered = slots >= 0
+            chosen = candidates.gather(1, slots.clamp(min=0)[:, None]).squeeze(1)
+            hits.append(answered & (chosen == interaction[model.POS_ITEM_ID]))
+            valid.append(answered)
+    return torch.cat(hits), torch.cat(valid)
 
 
 def test_sasrec_ranked_on_the_same_candidate_sets(workdir, built):

@@ -177,6 +177,45 @@ def test_stages_freeze_what_they_say(slice_root, monkeypatch):
     assert not torch.equal(snapshots[1][1]["position_embedding.weight"], before["position_embedding.weight"])
 
 
+class TwoEpochFirstStage(StagedMMSASRec):
+    def training_stages(self):
+        return [TrainingStage("features", epochs=2, learning_rate=0.01), TrainingStage("all", epochs=1)]
+
+
+def test_next_stage_starts_from_the_previous_stages_best_epoch(slice_root):
+    """Stage 'features' runs 2 epochs whose validation scores are 0.9 then 0.1: stage 'all' must start
+    from the weights after epoch 0 (the saved best), not those after epoch 1."""
+    config = scientific_slice_config(slice_root, **read_model_yaml("MMSASRec"))
+    _, (train, valid, _), model, trainer = build(TwoEpochFirstStage, "SciSlice", config_dict=config)
+    scores = iter([0.9, 0.1, 0.5])
+    trainer._valid_epoch = lambda valid_data, show_progress=False: (next(scores), {"score": 0.0})
+    after_epoch = []
+    train_epoch = trainer._train_epoch
+
+    def train_and_snapshot(*args, **kwargs):
+        loss = train_epoch(*args, **kwargs)
+        after_epoch.append({name: value.clone() for name, value in model.state_dict().items()})
+        return loss
+
+    trainer._train_epoch = train_and_snapshot
+    at_stage_start = {}
+    enter_stage = model.enter_stage
+
+    def enter_and_snapshot(stage):
+        at_stage_start[stage.name] = {name: value.clone() for name, value in model.state_dict().items()}
+        enter_stage(stage)
+
+    model.enter_stage = enter_and_snapshot
+    trainer.fit(train, valid, saved=True, show_progress=False)
+    assert len(after_epoch) == 3
+    best_of_first_stage, last_of_first_stage = after_epoch[0], after_epoch[1]
+    changed = [name for name in best_of_first_stage
+               if not torch.equal(best_of_first_stage[name], last_of_first_stage[name])]
+    assert changed and all(name.startswith("feature_projection") for name in changed)
+    for name, value in at_stage_start["all"].items():
+        assert torch.equal(value, best_of_first_stage[name]), name
+
+
 def test_candidate_protocol_for_any_model(slice_root):
     """A built-in model ranked only on the fixed candidate sets: HR@1 is a fraction of users, and
     the same sets come back for a second build (fixed by seed)."""
