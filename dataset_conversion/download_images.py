@@ -5,14 +5,14 @@
 
 Writes ``<image_dir>/<item token><ext>`` (default image_dir: <dataset_dir>/images), which is what
 encode_features.py looks for. Resumable: files already present (non-empty) are skipped; each download goes
-to a hidden temporary name and is renamed only when complete. Each URL gets at most ``--retries`` extra
+to a hidden temporary name, is flushed to disk (fsync) and renamed only when complete, so a kill or a power
+cut never leaves a partial image under its final name. Each URL gets at most ``--retries`` extra
 attempts with exponential back-off, except for permanent answers (HTTP 4xx but 408/429), which fail at once.
 Failures are listed in ``<image_dir>/failed.tsv`` (token, url, reason) and summarised; they never stop the
 run. Items without a URL are counted. The images are checked only for being non-empty: unreadable files
 are caught (and masked) by encode_features.py.
 """
 import argparse
-import os
 import sys
 import time
 import urllib.error
@@ -25,6 +25,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dataset_conversion.common import log, read_item2index, read_item_table, run_converter, write_table  # noqa: E402
+from recbole_mm.utils.atomic import atomic_path  # noqa: E402
 
 USER_AGENT = "recbole-mm-image-downloader/0.1"
 RETRYABLE_HTTP = {408, 429}
@@ -56,32 +57,37 @@ def target_path(image_dir, token, url):
     return Path(image_dir) / f"{token}{suffix if suffix in {'.jpg', '.jpeg', '.png', '.webp', '.gif'} else '.jpg'}"
 
 
+class EmptyResponse(Exception):
+    """The server answered with no bytes: nothing is kept under the final name."""
+
+
 def fetch(url, destination, retries, backoff, timeout):
-    """Download url to destination; returns None on success or the last failure reason."""
-    partial = destination.with_name(f".{destination.name}.part")
+    """Download url to destination; returns None on success or the last failure reason.
+
+    The bytes go through ``atomic_path`` (a temporary file beside the target, fsynced, renamed, the
+    folder fsynced), so after a kill or a power cut a file under its final name is a complete download:
+    the resume rule (a non-empty file is done) never keeps half an image."""
     reason = None
     for attempt in range(retries + 1):
         if attempt:
             time.sleep(backoff * 2 ** (attempt - 1))
         try:
             request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
-            with urllib.request.urlopen(request, timeout=timeout) as response, open(partial, "wb") as handle:
-                while block := response.read(1 << 16):
-                    handle.write(block)
-            if partial.stat().st_size == 0:
-                reason = "empty response"
-                continue
-            os.replace(partial, destination)
+            with urllib.request.urlopen(request, timeout=timeout) as response, atomic_path(destination) as partial:
+                with open(partial, "wb") as handle:
+                    while block := response.read(1 << 16):
+                        handle.write(block)
+                if partial.stat().st_size == 0:
+                    raise EmptyResponse
             return None
+        except EmptyResponse:
+            reason = "empty response"
         except urllib.error.HTTPError as error:
             reason = f"HTTP {error.code}"
             if 400 <= error.code < 500 and error.code not in RETRYABLE_HTTP:
                 break
         except (urllib.error.URLError, OSError, ValueError) as error:  # DNS, refused, timeout, bad URL
             reason = f"{type(error).__name__}: {getattr(error, 'reason', error)}"
-        finally:
-            if partial.exists():
-                partial.unlink()
     return reason
 
 

@@ -8,8 +8,10 @@ import gzip
 import http.server
 import itertools
 import json
+import os
 import random
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -446,6 +448,109 @@ def test_download_resumes_and_bounds_retries(tmp_path):
         assert sum(FlakyImageServer.hits.values()) == hits_before + 2  # only the failed ones were retried
     finally:
         server.shutdown()
+
+
+def serve(handler):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+class ImageServer(http.server.BaseHTTPRequestHandler):
+    body = bytes(range(256)) * 1200  # 300 KiB: several of the downloader's 64 KiB blocks
+    stall_after = None               # send this many bytes, then hang (the client is killed meanwhile)
+    stalled = threading.Event()
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        if self.stall_after is None:
+            self.wfile.write(self.body)
+            return
+        self.wfile.write(self.body[:self.stall_after])
+        self.wfile.flush()
+        ImageServer.stalled.set()
+        time.sleep(60)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_download_is_durable_before_its_final_name_appears(tmp_path, monkeypatch):
+    """fsync of the complete temporary file, then the rename onto the final name, then fsync of the
+    folder (the order that survives a power cut: recbole_mm/utils/atomic.py)."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(descriptor):
+        path = Path(os.readlink(f"/proc/self/fd/{descriptor}"))
+        events.append(("fsync", path, path.stat().st_size if path.is_file() else None))
+        real_fsync(descriptor)
+
+    def replace(source, target):
+        events.append(("rename", Path(source), Path(target)))
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    ImageServer.stall_after = None
+    server, base = serve(ImageServer)
+    image_dir = (tmp_path / "img").resolve()
+    try:
+        counts = download([("A", f"{base}/a.jpg"), ("B", f"{base}/b.png")], image_dir, retries=0, workers=1,
+                          show_progress=False)
+    finally:
+        server.shutdown()
+    assert counts["downloaded"] == 2
+    for name in ("A.jpg", "B.png"):
+        assert (image_dir / name).read_bytes() == ImageServer.body
+        renames = [n for n, event in enumerate(events) if event[0] == "rename" and event[2] == image_dir / name]
+        assert len(renames) == 1, events
+        at = renames[0]
+        temporary = events[at][1]
+        assert temporary.parent == image_dir and temporary.name.startswith(".")
+        synced = [event for event in events[:at] if event[0] == "fsync" and event[1] == temporary]
+        assert synced and synced[-1][2] == len(ImageServer.body), "the complete file is fsynced before the rename"
+        assert ("fsync", image_dir, None) in events[at + 1:], "the folder entry is fsynced after the rename"
+
+
+def test_download_killed_mid_write_leaves_no_partial_image(tmp_path):
+    """SIGKILL while an image is half written: nothing under its final name (a rerun would otherwise
+    take the half for a finished download), and the rerun fetches it whole."""
+    import subprocess
+    import sys
+
+    ImageServer.stall_after, ImageServer.stalled = 3 * 65536 + 100, threading.Event()
+    server, base = serve(ImageServer)
+    image_dir = tmp_path / "img"
+    script = ("import sys; from dataset_conversion.download_images import download; "
+              "download([('A', sys.argv[1])], sys.argv[2], retries=0, timeout=120, show_progress=False)")
+    child = subprocess.Popen([sys.executable, "-c", script, f"{base}/a.jpg", str(image_dir)],
+                             cwd=Path(__file__).resolve().parent.parent)
+    try:
+        assert ImageServer.stalled.wait(120)
+        deadline = time.time() + 60
+        while time.time() < deadline:  # the client has written the blocks it received
+            written = [p for p in image_dir.iterdir() if p.stat().st_size >= 3 * 65536] if image_dir.exists() else []
+            if written:
+                break
+            time.sleep(0.05)
+        assert written, "the download never reached its temporary file"
+        child.kill()
+        child.wait(30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+        server.shutdown()
+    assert not (image_dir / "A.jpg").exists()
+    ImageServer.stall_after = None
+    server, base = serve(ImageServer)
+    try:
+        counts = download([("A", f"{base}/a.jpg")], image_dir, retries=0, show_progress=False)
+    finally:
+        server.shutdown()
+    assert counts["downloaded"] == 1 and (image_dir / "A.jpg").read_bytes() == ImageServer.body
 
 
 # ----------------------------------------------------------------------------------------------

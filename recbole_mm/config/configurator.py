@@ -217,6 +217,28 @@ class Config(RecBoleConfig):
         super()._set_default_parameters()
         self.final_config_dict.setdefault("modalities", [])
         self.final_config_dict.setdefault("feature_tables", {})
+        self.history_fields_not_features = self._keep_histories_out_of_context_features()
+
+    def _keep_histories_out_of_context_features(self):
+        """A context-aware model embeds every loaded interaction column, but full ranking scores each user
+        against all items from user and item columns only, so a benchmark file's history column
+        (``item_id_list``, an alias of the item id) would be missing at the first evaluation (RecBole:
+        ``KeyError: 'item_id_list'``). It is still loaded, so that history-only items get ids as for every
+        other model, and then dropped as RecBole's ``unused_col`` drops columns loaded only for preparation.
+        Returns the fields so dropped (``quick_start.build`` logs them)."""
+        config = self.final_config_dict
+        if (config["MODEL_TYPE"] != ModelType.CONTEXT or config.get("double_tower")
+                or "full" not in config["eval_args"]["mode"].values()):
+            return []
+        loaded = (config.get("load_col") or {}).get("inter")
+        histories = [field for field in config.get("alias_of_item_id") or []
+                     if field.endswith(config["LIST_SUFFIX"]) and (loaded is None or field in loaded)]
+        unused = dict(config.get("unused_col") or {})
+        added = [field for field in histories if field not in (unused.get("inter") or [])]
+        if added:
+            unused["inter"] = list(unused.get("inter") or []) + added
+            config["unused_col"] = unused
+        return added
 
     def _resolve_data_root(self):
         """The user's ``data_path`` (relative to the working directory), else ``default_data_path()``.

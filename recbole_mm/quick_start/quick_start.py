@@ -54,6 +54,9 @@ def build(model, dataset, config_file_list=None, config_dict=None, cmd_args=()):
     if config.keys_for_other_models():
         logger.warning(f"{config['model']} does not read {', '.join(config.keys_for_other_models())} (keys of other "
                        "models, e.g. from a config file shared by several): they have no effect on this run")
+    if getattr(config, "history_fields_not_features", None):
+        logger.info(f"{config['model']}: {', '.join(config.history_fields_not_features)} loaded to number the items, "
+                    "not read as features (full ranking scores users from user and item columns only)")
     dataset = create_dataset(config)
     logger.info(dataset)
     train_data, valid_data, test_data = data_preparation(config, dataset)
