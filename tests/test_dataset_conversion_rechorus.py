@@ -216,6 +216,7 @@ MODEL_SETTINGS = {
                               "learning_rate": 0.001, "train_batch_size": 256}},
     "MMESID": {**TINY_LLM, "fusion_hidden_size": 8, "modalities": ["text", "attribute"], "rqvae_hidden_dims": [32],
                "rqvae_levels": 2, "rqvae_codebook_size": 8, "rqvae_epochs": 2, "rqvae_batch_size": 512,
+               "rqvae_sinkhorn_epsilons": [0.0, 0.003],
                "collab_config": {"hidden_size": 8, "inner_size": 16, "n_layers": 1, "n_heads": 1, "epochs": 1,
                                  "loss_type": "CE", "train_neg_sample_args": None}},
 }

@@ -116,6 +116,55 @@ def test_fusion_weights_sum_to_one(built):
         model.use_fusion = True
 
 
+def test_authors_fusion_mlp_has_their_layers(built):
+    _, _, model, _ = built
+    g = model.fusion_mlp
+    # model.py: Linear(1,64) GELU Linear(64,10) | Linear(10,64, bias=False) GELU Linear(64,4)  (64 -> fusion_hidden_size)
+    shapes = [(type(m).__name__, getattr(m, "in_features", None), getattr(m, "out_features", None),
+               getattr(m, "bias", None) is not None) for m in g]
+    assert shapes == [("Linear", 1, 8, True), ("GELU", None, None, False), ("Linear", 8, 10, True),
+                      ("Linear", 10, 8, False), ("GELU", None, None, False), ("Linear", 8, 4, True)]
+    q = model.item_frequency_feature[:5]
+    gelu = torch.nn.functional.gelu
+    hidden = gelu(q @ g[0].weight.t() + g[0].bias) @ g[2].weight.t() + g[2].bias
+    expected = gelu(hidden @ g[3].weight.t()) @ g[5].weight.t() + g[5].bias
+    torch.testing.assert_close(g(q), expected)
+    torch.testing.assert_close(model.fusion_weights(torch.arange(5)), torch.softmax(expected / model.fusion_temperature, -1))
+
+
+def test_one_hidden_fusion_mlp(slice_root, stage_files):
+    _, _, model, _ = build_mmesid(slice_root, stage_files, fusion_mlp="one_hidden")
+    g = model.fusion_mlp
+    assert [type(m).__name__ for m in g] == ["Linear", "GELU", "Linear"]
+    assert (g[0].in_features, g[0].out_features, g[2].in_features, g[2].out_features) == (1, 8, 8, 4)
+
+
+INSTRUCTION_WORDS = ["given", "the", "user", "'", "s", "purchase", "history", ",", "predict", "next", "possible",
+                     "item", "to", "be", "purchased", "."]
+ASSISTANT_HEADER = ["<|eot_id|>", "<|start_header_id|>", "assistant", "<|end_header_id|>"]
+
+
+@pytest.mark.parametrize("template, before, after", [
+    # utils/prompter.py: "<|begin_of_text|>{{ Given ..." after str.format, then response_split
+    ("authors_code", ["<|begin_of_text|>", "{"] + INSTRUCTION_WORDS, ASSISTANT_HEADER),
+    # README / dataset/llama3.json
+    ("llama3", ["<|begin_of_text|>", "<|start_header_id|>", "system", "<|end_header_id|>", "you", "are", "a", "helpful",
+                "ai", "assistant", "for", "recommendations", "<|eot_id|>", "<|start_header_id|>", "user",
+                "<|end_header_id|>"] + INSTRUCTION_WORDS, ASSISTANT_HEADER),
+    ("plain", INSTRUCTION_WORDS, ["answer", ":"]),
+])
+def test_prompt_templates(slice_root, stage_files, template, before, after):
+    _, _, model, _ = build_mmesid(slice_root, stage_files, prompt_template=template)
+    tokens = model.llm.tokenizer.convert_ids_to_tokens
+    assert tokens(model.prompt_prefix) == before
+    assert tokens(model.prompt_suffix) == after
+
+
+def test_unknown_prompt_template_is_a_clear_error(slice_root, stage_files):
+    with pytest.raises(RecboleMMError, match="prompt_template"):
+        build_mmesid(slice_root, stage_files, prompt_template="chatml")
+
+
 def test_frequency_feature_is_minmax_log_count(built):
     _, (train, _, _), model, _ = built
     targets = train.dataset.inter_feat["item_id"].tolist()
@@ -245,6 +294,7 @@ def test_all_stages_end_to_end_on_a_slice(slice_root):
     config = scientific_slice_config(
         slice_root / "data", **TINY_LLM, train_batch_size=64,
         rqvae_hidden_dims=[32], rqvae_levels=2, rqvae_codebook_size=8, rqvae_epochs=2, rqvae_batch_size=512,
+        rqvae_sinkhorn_epsilons=[0.0, 0.003],
         collab_config={"hidden_size": 8, "inner_size": 16, "n_layers": 1, "n_heads": 1, "epochs": 1,
                        "loss_type": "CE", "train_neg_sample_args": None},
         mmesid_cache_dir=str(slice_root / "cache"), checkpoint_dir=str(slice_root / "saved"),

@@ -1,15 +1,23 @@
+import itertools
 import math
 
+import pytest
 import torch
 
 from recbole_mm.model.layers.rqvae import (
     MultimodalRQVAE,
     ResidualQuantizer,
+    balanced_code_indices,
+    centred_distances,
+    cluster_size_bounds,
     collision_statistics,
+    constrained_kmeans,
     gaussian_mmd2,
     info_nce,
     kmeans,
     reconstruction_quality,
+    sinkhorn_plan,
+    size_constrained_assignment,
     train_multimodal_rqvae,
 )
 
@@ -193,3 +201,168 @@ def test_alignment_pairs_rows_present_in_both_modalities():
     anchor_q = model.rqvaes["collab"](features["collab"])["quantized"][both]
     image_q = model.rqvaes["image"](features["image"])["quantized"][both]
     assert abs(parts["align_collab_image"] - info_nce(anchor_q, image_q, 0.1).item()) < 1e-6
+
+
+# ---- the authors' switches -------------------------------------------------------------------
+def authors_sinkhorn_loop(distances, epsilon, n_iters):
+    """layers.py's sinkhorn_algorithm, element by element: Q = exp(-d/eps) / sum; n_iters times
+    (each row to sum 1, divided by B; each column to sum 1, divided by K); finally Q * B."""
+    rows, cols = len(distances), len(distances[0])
+    q = [[math.exp(-distances[i][j] / epsilon) for j in range(cols)] for i in range(rows)]
+    total = sum(map(sum, q))
+    q = [[v / total for v in row] for row in q]
+    for _ in range(n_iters):
+        q = [[v / sum(row) / rows for v in row] for row in q]
+        column_sums = [sum(q[i][j] for i in range(rows)) for j in range(cols)]
+        q = [[q[i][j] / column_sums[j] / cols for j in range(cols)] for i in range(rows)]
+    return [[v * rows for v in row] for row in q]
+
+
+def test_sinkhorn_plan_equals_the_authors_loop():
+    torch.manual_seed(0)
+    distances = torch.rand(5, 3, dtype=torch.float64) * 2 - 1
+    expected = torch.tensor(authors_sinkhorn_loop(distances.tolist(), 0.3, 7), dtype=torch.float64)
+    torch.testing.assert_close(sinkhorn_plan(distances, 0.3, 7), expected)
+
+
+def test_balanced_codes_are_argmax_of_the_plan_on_centred_distances():
+    torch.manual_seed(1)
+    residual, codebook = torch.randn(6, 2, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64)
+    distances = [[sum((residual[i, d] - codebook[j, d]).item() ** 2 for d in range(2)) for j in range(3)] for i in range(6)]
+    high, low = max(map(max, distances)), min(map(min, distances))
+    middle = (high + low) / 2
+    centred = [[(v - middle) / (high - middle + 1e-5) for v in row] for row in distances]
+    torch.testing.assert_close(centred_distances(torch.tensor(distances, dtype=torch.float64)),
+                               torch.tensor(centred, dtype=torch.float64))
+    plan = authors_sinkhorn_loop(centred, 0.2, 30)
+    expected = [max(range(3), key=lambda j: plan[i][j]) for i in range(6)]
+    assert balanced_code_indices(residual, codebook, 0.2, 30).tolist() == expected
+
+
+def test_sinkhorn_with_small_epsilon_gives_the_cheapest_balanced_assignment():
+    # every row is nearest to code 0; balanced transport must give each code 2 rows
+    residual = torch.tensor([[0.0, 0.1], [0.2, 0.0], [0.9, 0.0], [0.0, 0.8], [0.1, 0.1], [0.5, 0.5]], dtype=torch.float64)
+    codebook = torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
+    cost = [[((residual[i] - codebook[j]) ** 2).sum().item() for j in range(3)] for i in range(6)]
+    best = min((labels for labels in itertools.product(range(3), repeat=6) if all(labels.count(j) == 2 for j in range(3))),
+               key=lambda labels: sum(cost[i][labels[i]] for i in range(6)))
+    assert (residual[:, None] - codebook).pow(2).sum(-1).argmin(-1).tolist() == [0] * 6
+    assert balanced_code_indices(residual, codebook, 0.003, 2000).tolist() == list(best)
+
+
+def test_quantizer_balances_only_while_training_and_only_where_epsilon_is_positive():
+    torch.manual_seed(0)
+    quantizer = ResidualQuantizer(2, 3, 2, sinkhorn_epsilons=[0.0, 0.003], sinkhorn_iters=200).double()
+    quantizer.initialized.fill_(True)
+    z = 0.01 * torch.randn(6, 2, dtype=torch.float64)
+    with torch.no_grad():
+        quantizer.codebooks[:] = torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
+    quantizer.train()
+    _, train_codes, _ = quantizer(z)
+    quantizer.eval()
+    _, eval_codes, _ = quantizer(z)
+    residual = z - quantizer.codebooks.detach()[0, 0]
+    assert train_codes[:, 0].tolist() == [0] * 6 and eval_codes[:, 0].tolist() == [0] * 6  # epsilon 0: nearest
+    assert sorted(torch.bincount(train_codes[:, 1], minlength=3).tolist()) == [2, 2, 2]  # balanced
+    assert eval_codes[:, 1].tolist() == (residual[:, None] - quantizer.codebooks.detach()[1]).pow(2).sum(-1).argmin(-1).tolist()
+
+
+def test_sinkhorn_epsilons_need_one_per_level():
+    with pytest.raises(ValueError, match="rqvae_sinkhorn_epsilons"):
+        ResidualQuantizer(2, 3, 2, sinkhorn_epsilons=[0.0, 0.0, 0.003])
+
+
+def test_cluster_size_bounds_follow_the_authors_rule():
+    # vq_mm.py: size_min = min(B // (2 S), 50), size_max = 4 size_min (kept feasible)
+    assert cluster_size_bounds(1024, 256) == (2, 8)
+    assert cluster_size_bounds(512, 8) == (32, 128)
+    assert cluster_size_bounds(40000, 256) == (50, 200)
+    assert cluster_size_bounds(100000, 256) == (50, 391)  # 256 x 200 < 100000: max raised to ceil(B / S)
+    assert cluster_size_bounds(300, 256) == (1, 4)
+
+
+def test_size_constrained_assignment_equals_brute_force():
+    torch.manual_seed(0)
+    distances = torch.rand(7, 3, dtype=torch.float64)
+    distances[:, 0] -= 1.0  # unconstrained, every point would join cluster 0
+    labels = size_constrained_assignment(distances, size_min=2, size_max=3).tolist()
+    feasible = [a for a in itertools.product(range(3), repeat=7) if all(2 <= a.count(j) <= 3 for j in range(3))]
+    best = min(sum(distances[i, a[i]].item() for i in range(7)) for a in feasible)
+    assert all(2 <= labels.count(j) <= 3 for j in range(3))
+    assert abs(sum(distances[i, labels[i]].item() for i in range(7)) - best) < 1e-12
+
+
+def test_constrained_kmeans_keeps_every_cluster_within_bounds():
+    torch.manual_seed(0)
+    # a dense blob and five far outliers: plain k-means++ seeds the outliers into clusters of one
+    outliers = torch.tensor([[20.0, 0.0], [-20.0, 0.0], [0.0, 20.0], [0.0, -20.0], [20.0, 20.0]])
+    points = torch.cat([torch.randn(95, 2) * 0.1, outliers])
+    size_min, size_max = cluster_size_bounds(100, 10)
+    assert (size_min, size_max) == (5, 20)
+    centres, labels = constrained_kmeans(points, 10, n_iters=10, generator=torch.Generator().manual_seed(0))
+    sizes = torch.bincount(labels, minlength=10)
+    assert sizes.min() >= size_min and sizes.max() <= size_max
+    for cluster in range(10):
+        torch.testing.assert_close(centres[cluster], points[labels == cluster].mean(0))
+    quantizer = ResidualQuantizer(1, 10, 2, codebook_init="constrained_kmeans")
+    quantizer(points)
+    assert bool(quantizer.initialized)
+    assert not torch.allclose(quantizer.codebooks.detach()[0], kmeans(points, 10, 10, torch.Generator().manual_seed(0)))
+
+
+def hand_built_two_level_quantizer(**options):
+    quantizer = ResidualQuantizer(2, 2, 2, commitment_weight=1.0, **options).double()
+    quantizer.initialized.fill_(True)
+    with torch.no_grad():
+        quantizer.codebooks[0] = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
+        quantizer.codebooks[1] = torch.tensor([[0.5, 0.5], [-0.5, 0.0]])
+    return quantizer
+
+
+@pytest.mark.parametrize("path, reduction, expected_grad", [
+    # by hand: z1=(1,2) -> code 1, r1=(0,1) -> code 0; z2=(-1,.5) -> code 0, r1=(-1,.5) -> code 1.
+    # d/dz of mean_d (r - SG(c))² is 2 (r - c) / 2: level 1 gives r1; level 2 gives r1 - c2
+    ("first_level", "sum", [[0.0, 1.0], [-1.0, 0.5]]),
+    ("every_level", "sum", [[0.0 - 0.5, 1.0 + 0.5], [-1.0 - 0.5, 0.5 + 0.5]]),
+    ("first_level", "mean", [[0.0, 0.5], [-0.5, 0.25]]),
+    ("every_level", "mean", [[-0.25, 0.75], [-0.75, 0.5]]),
+])
+def test_commitment_gradient_path_and_level_reduction(path, reduction, expected_grad):
+    quantizer = hand_built_two_level_quantizer(commitment_path=path, loss_reduction=reduction)
+    z = torch.tensor([[1.0, 2.0], [-1.0, 0.5]], dtype=torch.float64, requires_grad=True)
+    _, codes, loss = quantizer(z)
+    assert codes.tolist() == [[1, 0], [0, 1]]
+    loss.sum().backward()
+    torch.testing.assert_close(z.grad, torch.tensor(expected_grad, dtype=torch.float64))
+
+
+def test_rq_loss_mean_is_the_sum_over_levels_divided_by_levels():
+    quantizer = hand_built_two_level_quantizer(loss_reduction="mean")
+    z = torch.tensor([[1.0, 2.0], [-1.0, 0.5]], dtype=torch.float64)
+    _, _, loss = quantizer(z)
+    # (1 + alpha) * (mean_d (z - c1)² + mean_d (r1 - c2)²) / L, written out per row
+    row1 = 2 * ((0.0**2 + 1.0**2) / 2 + ((0.0 - 0.5) ** 2 + (1.0 - 0.5) ** 2) / 2) / 2
+    row2 = 2 * (((-1.0) ** 2 + 0.5**2) / 2 + ((-1.0 + 0.5) ** 2 + 0.5**2) / 2) / 2
+    torch.testing.assert_close(loss, torch.tensor([row1, row2], dtype=torch.float64))
+
+
+def test_tokenizer_optimiser_is_adamw_with_the_given_weight_decay():
+    features, present = synthetic_modalities(n=16)
+    torch.manual_seed(0)
+    model = MultimodalRQVAE({k: v.shape[1] for k, v in features.items()}, [8], 4, n_levels=1, codebook_size=4,
+                            anchor="collab", recon_loss="mse", align_loss="none")
+    model(features, present)  # initialises the codebooks (no step)
+    with torch.no_grad():  # off the k-means fixed point, where the codebook gradient is rounding noise
+        for rqvae in model.rqvaes.values():
+            rqvae.quantizer.codebooks.add_(0.1 * torch.randn_like(rqvae.quantizer.codebooks))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    model(features, present)[0].backward()
+    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+    lr, wd, eps = 1e-2, 5.0, 1e-8
+    train_multimodal_rqvae(model, features, present, epochs=1, batch_size=16, learning_rate=lr, weight_decay=wd)
+    for name, p in model.named_parameters():
+        # AdamW's first step: p <- p (1 - lr wd) - lr m_hat / (sqrt(v_hat) + eps), m_hat = g, v_hat = g²
+        g = grads[name]
+        expected = before[name] * (1 - lr * wd) - lr * g / (g.abs() + eps)
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-4, atol=1e-6, msg=name)

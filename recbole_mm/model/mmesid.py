@@ -10,10 +10,13 @@ Per history item j (eq. 16):
     e_j = f_MLP([W_c SG(E_c)_j + b_c, Σ_l E_SID_c^l, W_t SG(E_t)_j + b_t, Σ_l E_SID_t^l, W_v ..., Σ_l E_SID_v^l])
 with the SID tables initialised from the trained codebooks (``sid_init: codebook``; ``random`` is
 the paper's MME-SID-random ablation). A modality an item lacks contributes zeros.
-Prompt = instruction tokens + one spliced vector per history item + response header; the user
+Prompt = text before the items + one spliced vector per history item + text after them
+(``prompt_template``: ``authors_code`` what the authors' ``utils/prompter.py`` sends, ``llama3`` the
+Llama-3 chat template of their README, ``plain`` = ``instruction`` + ``response_header``); the user
 state h is the LLM's last hidden state at the last real position.
 Score of item i (eqs. 17–18):
     q''_i = minmax(log(q_i + 1)),  w_i = softmax(g(q''_i) / fusion_temperature)
+with g the authors' five-layer MLP (``fusion_mlp: authors``) or one hidden layer (``one_hidden``).
     ŷ_i = w_x,i (h · E_x,i) + Σ_j w_j,i (h · (W_j SG(E_j)_i + b_j))
 with E_x a new target-item table. Loss: ``loss_type: CE`` (full softmax, the authors' released code)
 or ``BCE`` with ``bce_negatives`` uniformly sampled negatives (the paper's text).
@@ -28,6 +31,39 @@ from recbole_mm.data.item_tables import COLLAB, load_collaborative_table, load_s
 from recbole_mm.utils import RecboleMMError
 
 SID_INITS = ("codebook", "random")
+FUSION_MLPS = ("authors", "one_hidden")
+PROMPT_TEMPLATES = ("authors_code", "llama3", "plain")
+LLAMA3_SPECIAL_TOKENS = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+LLAMA3_ASSISTANT_HEADER = "<|eot_id|><|start_header_id|>assistant<|end_header_id|>"
+LLAMA3_SYSTEM_AND_USER_HEADER = ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+                                 "You are a helpful AI assistant for recommendations<|eot_id|>"
+                                 "<|start_header_id|>user<|end_header_id|>\n\n")
+
+
+def prompt_texts(template, instruction, response_header):
+    """(text before the history items, text after them) of a ``prompt_template``."""
+    if template == "plain":
+        return instruction, response_header
+    if template == "llama3":  # the authors' README and dataset/llama3.json
+        return LLAMA3_SYSTEM_AND_USER_HEADER + instruction, LLAMA3_ASSISTANT_HEADER
+    if template == "authors_code":
+        # utils/prompter.py replaces the json template by "<|begin_of_text|>{{ <instruction>", which
+        # str.format turns into a literal "{ "
+        return "<|begin_of_text|>{ " + instruction, LLAMA3_ASSISTANT_HEADER
+    raise RecboleMMError(f"MMESID: prompt_template must be one of {PROMPT_TEMPLATES}, got {template!r}.")
+
+
+def fusion_mlp(kind, hidden_size, bottleneck_size, n_weights):
+    """g of eq. 18: frequency feature (..., 1) -> one weight logit per score table."""
+    if kind == "authors":
+        # model.py: mlp_head = Linear(1,64) GELU Linear(64,10); mlp_meta_embedding = Linear(10,64, no bias) GELU Linear(64,4)
+        return nn.Sequential(
+            nn.Linear(1, hidden_size), nn.GELU(), nn.Linear(hidden_size, bottleneck_size),
+            nn.Linear(bottleneck_size, hidden_size, bias=False), nn.GELU(), nn.Linear(hidden_size, n_weights),
+        )
+    if kind == "one_hidden":
+        return nn.Sequential(nn.Linear(1, hidden_size), nn.GELU(), nn.Linear(hidden_size, n_weights))
+    raise RecboleMMError(f"MMESID: fusion_mlp must be one of {FUSION_MLPS}, got {kind!r}.")
 
 
 class MMESID(MultimodalSequentialRecommender):
@@ -50,10 +86,18 @@ class MMESID(MultimodalSequentialRecommender):
         for name in self.channels:
             self.register_buffer(f"sid_{name}", semantic_ids[name]["codes"], persistent=False)
 
-        self.llm = backbone_from_config(config, vocab_texts=[config["instruction"], config["response_header"]])
+        self.prompt_template = config["prompt_template"]
+        before_items, after_items = prompt_texts(self.prompt_template, config["instruction"], config["response_header"])
+        special = LLAMA3_SPECIAL_TOKENS if self.prompt_template != "plain" else ()
+        # the word-level tokenizer's vocabulary is built from raw text; spacing the special tokens out keeps
+        # punctuation next to them ("<|begin_of_text|>{") a word of its own
+        vocab_texts = [before_items, after_items]
+        for token in special:
+            vocab_texts = [text.replace(token, " ") for text in vocab_texts]
+        self.llm = backbone_from_config(config, vocab_texts=vocab_texts, extra_special_tokens=special)
         hidden = self.llm.hidden_size
-        self.prompt_prefix = self.llm.encode(config["instruction"])
-        self.prompt_suffix = self.llm.encode(config["response_header"])
+        self.prompt_prefix = self.llm.encode(before_items)
+        self.prompt_suffix = self.llm.encode(after_items)
 
         self.projections = nn.ModuleDict({name: nn.Linear(self.feature_dims[name], hidden) for name in self.channels})
         self.sid_tables = nn.ParameterDict()
@@ -76,8 +120,8 @@ class MMESID(MultimodalSequentialRecommender):
         )
         self.target_item_embedding = nn.Embedding(self.n_items, hidden)
         nn.init.uniform_(self.target_item_embedding.weight, -hidden**-0.5, hidden**-0.5)
-        fusion_hidden = int(config["fusion_hidden_size"])
-        self.fusion_mlp = nn.Sequential(nn.Linear(1, fusion_hidden), nn.GELU(), nn.Linear(fusion_hidden, 1 + n_channels))
+        self.fusion_mlp = fusion_mlp(config["fusion_mlp"], int(config["fusion_hidden_size"]),
+                                     int(config["fusion_bottleneck_size"]), 1 + n_channels)
         self.register_buffer("item_frequency_feature", normalised_log_frequency(dataset, self.n_items),
                              persistent=False)
 

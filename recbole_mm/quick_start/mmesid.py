@@ -46,7 +46,9 @@ SHARED_WITH_COLLAB_RUN = (
 RQVAE_KEYS = (
     "rqvae_hidden_dims", "rqvae_levels", "rqvae_codebook_size", "rqvae_recon_loss", "rqvae_align_loss",
     "rqvae_recon_weight", "rqvae_align_weight", "rqvae_rq_weight", "rqvae_commitment", "rqvae_temperature",
-    "rqvae_bandwidth_scale", "rqvae_epochs", "rqvae_batch_size", "rqvae_learning_rate", "rqvae_kmeans_iters",
+    "rqvae_bandwidth_scale", "rqvae_epochs", "rqvae_batch_size", "rqvae_learning_rate", "rqvae_weight_decay",
+    "rqvae_kmeans_iters", "rqvae_codebook_init", "rqvae_sinkhorn_epsilons", "rqvae_sinkhorn_iters",
+    "rqvae_rq_reduction", "rqvae_commitment_path",
 )
 
 
@@ -151,12 +153,15 @@ def tokenizer_stage(config, cache_dir, collab_path, logger=None):
         recon_weight=float(config["rqvae_recon_weight"]), align_weight=float(config["rqvae_align_weight"]),
         rq_weight=float(config["rqvae_rq_weight"]), commitment_weight=float(config["rqvae_commitment"]),
         temperature=float(config["rqvae_temperature"]), bandwidth_scale=float(config["rqvae_bandwidth_scale"]),
-        kmeans_iters=int(config["rqvae_kmeans_iters"]),
+        kmeans_iters=int(config["rqvae_kmeans_iters"]), codebook_init=config["rqvae_codebook_init"],
+        sinkhorn_epsilons=list(config["rqvae_sinkhorn_epsilons"]), sinkhorn_iters=int(config["rqvae_sinkhorn_iters"]),
+        rq_reduction=config["rqvae_rq_reduction"], commitment_path=config["rqvae_commitment_path"],
     )
     logger.info(f"MMESID stage tokenizer: MM-RQ-VAE over {list(features)} -> {path}")
     history = train_multimodal_rqvae(
         model, features, present, epochs=int(config["rqvae_epochs"]), batch_size=int(config["rqvae_batch_size"]),
-        learning_rate=float(config["rqvae_learning_rate"]), seed=int(config["seed"]),
+        learning_rate=float(config["rqvae_learning_rate"]), weight_decay=float(config["rqvae_weight_decay"]),
+        seed=int(config["seed"]),
         log=logger.info if config["show_progress"] else None,
     )
     codes, quantized, stats = {}, {}, {}

@@ -1,7 +1,9 @@
 """Residual-quantised VAEs for semantic IDs, and the multimodal MM-RQ-VAE of MME-SID (Sec. 4.2.2).
 
-- ``ResidualQuantizer``: L levels x S codes, k-means codebook init on the first training batch,
-  straight-through gradients, RQ loss with commitment (eq. 5).
+- ``ResidualQuantizer``: L levels x S codes, codebook init on the first training batch (k-means, or
+  the authors' size-constrained k-means), straight-through gradients, RQ loss with commitment
+  (eq. 5: summed over levels, or averaged as the authors' code does), optional Sinkhorn-balanced code
+  assignment per level while training (the authors' ``sk_epsilons``).
 - ``RQVAE``: encoder MLP -> residual quantiser -> decoder MLP, one per modality.
 - ``MultimodalRQVAE``: one RQ-VAE per modality and the loss of eq. 11:
   ``recon_weight * L_recon + align_weight * L_align + rq_weight * sum_j L_RQ`` with MMD² (Gaussian
@@ -13,12 +15,16 @@
 from collections import Counter
 from typing import Dict, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 RECON_LOSSES = ("mmd", "mse")
 ALIGN_LOSSES = ("infonce", "mmd", "none")
+CODEBOOK_INITS = ("constrained_kmeans", "kmeans")
+RQ_LOSS_REDUCTIONS = ("mean", "sum")
+COMMITMENT_PATHS = ("first_level", "every_level")
 
 
 # --------------------------------------------------------------------------------------------
@@ -67,27 +73,151 @@ def kmeans(points, n_clusters: int, n_iters: int = 20, generator: Optional[torch
     return centres
 
 
+def cluster_size_bounds(n_points: int, n_clusters: int):
+    """The authors' bounds for the first-batch init (``vq_mm.py``): at least min(B // 2S, 50) and at
+    most 4x that many points per code; raised to 1 and to ceil(B / S) where the rule would make the
+    problem infeasible (their solver refuses such batches)."""
+    size_min = max(1, min(n_points // (2 * n_clusters), 50))
+    size_max = max(4 * size_min, -(-n_points // n_clusters))
+    return size_min, size_max
+
+
+def size_constrained_assignment(distances, size_min: int, size_max: int):
+    """Labels minimising Σ_i distances[i, label_i] with every cluster holding size_min..size_max rows.
+
+    Exact, as an assignment problem: each cluster is replicated into ``size_max`` slots, of which the
+    first ``size_min`` carry a bonus larger than any possible cost difference, so an optimum fills
+    every mandatory slot (feasible when S·size_min <= B <= S·size_max) and minimises the cost among
+    such fillings. Solved by SciPy's ``linear_sum_assignment``."""
+    from scipy.optimize import linear_sum_assignment
+
+    cost = distances.detach().double().cpu().numpy()
+    n_points, n_clusters = cost.shape
+    if not n_clusters * size_min <= n_points <= n_clusters * size_max:
+        raise ValueError(f"cannot put {n_points} points into {n_clusters} clusters of {size_min}-{size_max} points.")
+    bonus = n_points * (cost.max() - cost.min() + 1.0)
+    mandatory = np.tile(np.arange(size_max) < size_min, n_clusters)
+    slots = np.repeat(cost, size_max, axis=1) - bonus * mandatory
+    _, slot = linear_sum_assignment(slots)
+    return torch.as_tensor(slot // size_max, device=distances.device)
+
+
+def constrained_kmeans(points, n_clusters: int, n_iters: int = 20, size_bounds=None,
+                       generator: Optional[torch.Generator] = None):
+    """Lloyd's k-means whose assignment step bounds every cluster's size (the authors' init, there by
+    the ``k-means-constrained`` package: min-cost-flow assignment, 10 restarts; here one k-means++
+    start). ``size_bounds`` defaults to ``cluster_size_bounds``. Returns (centres, labels of the last
+    assignment, whose group means the centres are); no cluster can be empty."""
+    if points.shape[0] < n_clusters:
+        raise ValueError(
+            f"k-means codebook init needs at least as many items in the first batch ({points.shape[0]}) as codes "
+            f"({n_clusters}): raise rqvae_batch_size or lower rqvae_codebook_size."
+        )
+    size_min, size_max = size_bounds or cluster_size_bounds(points.shape[0], n_clusters)
+    centres = kmeans_plus_plus_seeds(points, n_clusters, generator)
+    labels = None
+    for _ in range(n_iters):
+        new_labels = size_constrained_assignment(squared_distances(points, centres), size_min, size_max)
+        if labels is not None and torch.equal(new_labels, labels):
+            break
+        labels = new_labels
+        counts = torch.bincount(labels, minlength=n_clusters).to(points.dtype)
+        centres = torch.zeros_like(centres).index_add_(0, labels, points) / counts[:, None]
+    return centres, labels
+
+
+def centred_distances(distances):
+    """Distances shifted and scaled into [-1, 1] over the whole batch (the authors'
+    ``center_distance_for_constraint``), so one Sinkhorn epsilon suits any distance scale."""
+    middle = (distances.max() + distances.min()) / 2
+    amplitude = distances.max() - middle + 1e-5
+    return (distances - middle) / amplitude
+
+
+def sinkhorn_plan(distances, epsilon: float, n_iters: int):
+    """Entropic transport plan between B rows and K codes with uniform marginals (the authors'
+    ``sinkhorn_algorithm``: Q = exp(-d/ε), normalised, then ``n_iters`` rounds of row sums -> 1/B and
+    column sums -> 1/K, finally times B). Computed in log space: the same plan without exp overflow."""
+    log_q = -distances.double() / epsilon
+    n_rows, n_codes = log_q.shape
+    log_q = log_q - torch.logsumexp(log_q.flatten(), dim=0)
+    for _ in range(n_iters):
+        log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True) - np.log(n_rows)
+        log_q = log_q - torch.logsumexp(log_q, dim=0, keepdim=True) - np.log(n_codes)
+    return torch.exp(log_q + np.log(n_rows))
+
+
+def balanced_code_indices(residual, codebook, epsilon: float, n_iters: int):
+    """Code per row from the Sinkhorn plan over centred squared distances (argmax per row): codes
+    are spread evenly over the batch instead of each row taking its nearest code."""
+    distances = squared_distances(residual, codebook)
+    return sinkhorn_plan(centred_distances(distances), epsilon, n_iters).argmax(dim=-1)
+
+
 class ResidualQuantizer(nn.Module):
-    """``n_levels`` codebooks of ``codebook_size`` codes in ``dim`` dimensions (eq. 2)."""
+    """``n_levels`` codebooks of ``codebook_size`` codes in ``dim`` dimensions (eq. 2).
+
+    ``codebook_init``: ``kmeans`` (k-means++ and Lloyd) or ``constrained_kmeans`` (cluster sizes
+    bounded, the authors') on the first training batch's residuals, level by level.
+    ``sinkhorn_epsilons``: per level, ε > 0 assigns codes by a Sinkhorn plan while training (0: the
+    nearest code); evaluation always takes the nearest code.
+    ``loss_reduction``: ``sum`` over levels (eq. 5) or ``mean`` (the authors' code).
+    ``commitment_path``: ``every_level`` (eq. 5 as written) or ``first_level`` (the authors' code: each
+    later residual is detached, so only level 1's commitment term reaches the encoder).
+    """
 
     def __init__(self, n_levels: int, codebook_size: int, dim: int, commitment_weight: float = 1.0,
-                 kmeans_iters: int = 20):
+                 kmeans_iters: int = 20, codebook_init: str = "kmeans", sinkhorn_epsilons: Optional[Sequence[float]] = None,
+                 sinkhorn_iters: int = 50, loss_reduction: str = "sum", commitment_path: str = "every_level"):
         super().__init__()
+        if codebook_init not in CODEBOOK_INITS:
+            raise ValueError(f"rqvae_codebook_init={codebook_init!r}: choose one of {CODEBOOK_INITS}.")
+        if loss_reduction not in RQ_LOSS_REDUCTIONS:
+            raise ValueError(f"rqvae_rq_reduction={loss_reduction!r}: choose one of {RQ_LOSS_REDUCTIONS}.")
+        if commitment_path not in COMMITMENT_PATHS:
+            raise ValueError(f"rqvae_commitment_path={commitment_path!r}: choose one of {COMMITMENT_PATHS}.")
+        sinkhorn_epsilons = [0.0] * n_levels if sinkhorn_epsilons is None else [float(e) for e in sinkhorn_epsilons]
+        if len(sinkhorn_epsilons) != n_levels or min(sinkhorn_epsilons) < 0:
+            raise ValueError(
+                f"rqvae_sinkhorn_epsilons={sinkhorn_epsilons}: give one epsilon >= 0 per level ({n_levels} levels, "
+                f"rqvae_levels), e.g. {[0.0] * (n_levels - 1) + [0.003]} (Sinkhorn on the last level only) or "
+                f"{[0.0] * n_levels} (nearest code everywhere)."
+            )
         self.n_levels, self.codebook_size, self.dim = n_levels, codebook_size, dim
         self.commitment_weight = commitment_weight
         self.kmeans_iters = kmeans_iters
+        self.codebook_init = codebook_init
+        self.sinkhorn_epsilons, self.sinkhorn_iters = sinkhorn_epsilons, sinkhorn_iters
+        self.loss_reduction, self.commitment_path = loss_reduction, commitment_path
         self.codebooks = nn.Parameter(torch.randn(n_levels, codebook_size, dim) / dim**0.5)
         self.register_buffer("initialized", torch.tensor(False))
 
     @torch.no_grad()
     def initialize_codebooks(self, z, generator: Optional[torch.Generator] = None):
-        """k-means on the level-l residuals of ``z`` gives codebook l (levels in order)."""
+        """Codebook l from the level-l residuals of ``z`` (levels in order; each level's residual
+        uses the codes the training forward would choose)."""
         residual = z.detach().float()
         for level in range(self.n_levels):
-            centres = kmeans(residual, self.codebook_size, self.kmeans_iters, generator)
-            self.codebooks.data[level] = centres.to(self.codebooks.dtype)
-            residual = residual - centres[nearest_code_indices(residual, centres)]
+            self._initialize_level(level, residual, generator)
+            residual = residual - self.codebooks[level, self.code_indices(level, residual)].float()
         self.initialized.fill_(True)
+
+    @torch.no_grad()
+    def _initialize_level(self, level, residual, generator=None):
+        points = residual.detach().float()
+        if self.codebook_init == "constrained_kmeans":
+            centres, _ = constrained_kmeans(points, self.codebook_size, self.kmeans_iters, generator=generator)
+        else:
+            centres = kmeans(points, self.codebook_size, self.kmeans_iters, generator)
+        self.codebooks.data[level] = centres.to(self.codebooks.dtype)
+
+    def code_indices(self, level, residual):
+        """SID^l per row: Sinkhorn-balanced while training at a level with ε > 0, else the nearest code."""
+        codebook = self.codebooks[level].detach()
+        epsilon = self.sinkhorn_epsilons[level]
+        if self.training and epsilon > 0:
+            return balanced_code_indices(residual.detach(), codebook, epsilon, self.sinkhorn_iters)
+        return nearest_code_indices(residual.detach(), codebook)
 
     def decode_codes(self, codes):
         """ẑ = Σ_l CE^l_{SID^l} for codes (..., L)."""
@@ -97,22 +227,29 @@ class ResidualQuantizer(nn.Module):
     def forward(self, z):
         """Returns (ẑ with straight-through gradient to z, codes (B, L), per-row RQ loss (B,)).
 
-        Per-row loss = Σ_l mean_d (SG(r_{l-1}) - CE)² + commitment_weight · mean_d (r_{l-1} - SG(CE))² (eq. 5).
+        Per-row loss (eq. 5) = Σ_l mean_d (SG(r_{l-1}) - CE)² + commitment_weight · mean_d (r_{l-1} - SG(CE))²,
+        divided by L with ``loss_reduction: mean``.
         """
-        if self.training and not bool(self.initialized):
-            self.initialize_codebooks(z)
+        initializing = self.training and not bool(self.initialized)
         residual = z
         quantized = torch.zeros_like(z)
         codes, loss = [], z.new_zeros(z.shape[0])
         for level in range(self.n_levels):
-            codebook = self.codebooks[level]
-            index = nearest_code_indices(residual.detach(), codebook.detach())
-            chosen = codebook[index]
+            if initializing:
+                self._initialize_level(level, residual)
+            index = self.code_indices(level, residual)
+            chosen = self.codebooks[level][index]
             loss = loss + (residual.detach() - chosen).pow(2).mean(-1)
             loss = loss + self.commitment_weight * (residual - chosen.detach()).pow(2).mean(-1)
             quantized = quantized + chosen
             residual = residual - chosen.detach()
+            if self.commitment_path == "first_level":
+                residual = residual.detach()
             codes.append(index)
+        if initializing:
+            self.initialized.fill_(True)
+        if self.loss_reduction == "mean":
+            loss = loss / self.n_levels
         straight_through = z + (quantized - z).detach()
         return straight_through, torch.stack(codes, dim=-1), loss
 
@@ -131,11 +268,12 @@ class RQVAE(nn.Module):
     """s -> encoder -> z -> residual quantiser -> ẑ -> decoder -> ŝ (one modality)."""
 
     def __init__(self, input_dim: int, hidden_dims: Sequence[int], latent_dim: int, n_levels: int,
-                 codebook_size: int, commitment_weight: float = 1.0, kmeans_iters: int = 20):
+                 codebook_size: int, commitment_weight: float = 1.0, kmeans_iters: int = 20, **quantizer_options):
         super().__init__()
         dims = [input_dim, *hidden_dims, latent_dim]
         self.encoder = mlp(dims)
-        self.quantizer = ResidualQuantizer(n_levels, codebook_size, latent_dim, commitment_weight, kmeans_iters)
+        self.quantizer = ResidualQuantizer(n_levels, codebook_size, latent_dim, commitment_weight, kmeans_iters,
+                                           **quantizer_options)
         self.decoder = mlp(dims[::-1])
 
     def forward(self, s):
@@ -196,14 +334,17 @@ class MultimodalRQVAE(nn.Module):
 
     ``input_dims``: modality name -> feature size; ``anchor``: the modality aligned to all others
     (MME-SID: the collaborative one; text and image come pre-aligned from CLIP, so they are not
-    aligned to each other).
+    aligned to each other). ``codebook_init``, ``sinkhorn_epsilons``, ``sinkhorn_iters``,
+    ``rq_reduction`` and ``commitment_path`` go to every modality's ``ResidualQuantizer``.
     """
 
     def __init__(self, input_dims: Dict[str, int], hidden_dims: Sequence[int], latent_dim: int, n_levels: int,
                  codebook_size: int, anchor: Optional[str] = None, recon_loss: str = "mmd",
                  align_loss: str = "infonce", recon_weight: float = 1.0, align_weight: float = 1e-3,
                  rq_weight: float = 1.0, commitment_weight: float = 1.0, temperature: float = 0.1,
-                 bandwidth_scale: float = 0.5, kmeans_iters: int = 20):
+                 bandwidth_scale: float = 0.5, kmeans_iters: int = 20, codebook_init: str = "kmeans",
+                 sinkhorn_epsilons: Optional[Sequence[float]] = None, sinkhorn_iters: int = 50,
+                 rq_reduction: str = "sum", commitment_path: str = "every_level"):
         super().__init__()
         if recon_loss not in RECON_LOSSES:
             raise ValueError(f"rqvae_recon_loss={recon_loss!r}: choose one of {RECON_LOSSES}.")
@@ -216,8 +357,12 @@ class MultimodalRQVAE(nn.Module):
         self.recon_loss, self.align_loss = recon_loss, align_loss
         self.recon_weight, self.align_weight, self.rq_weight = recon_weight, align_weight, rq_weight
         self.temperature, self.bandwidth_scale = temperature, bandwidth_scale
+        quantizer_options = dict(codebook_init=codebook_init, sinkhorn_epsilons=sinkhorn_epsilons,
+                                 sinkhorn_iters=sinkhorn_iters, loss_reduction=rq_reduction,
+                                 commitment_path=commitment_path)
         self.rqvaes = nn.ModuleDict({
-            name: RQVAE(dim, hidden_dims, latent_dim, n_levels, codebook_size, commitment_weight, kmeans_iters)
+            name: RQVAE(dim, hidden_dims, latent_dim, n_levels, codebook_size, commitment_weight, kmeans_iters,
+                        **quantizer_options)
             for name, dim in input_dims.items()
         })
 
@@ -289,12 +434,13 @@ class MultimodalRQVAE(nn.Module):
 
 def train_multimodal_rqvae(model: MultimodalRQVAE, features: Dict[str, torch.Tensor],
                            present: Dict[str, torch.Tensor], epochs: int, batch_size: int,
-                           learning_rate: float, seed: int = 0, log=None):
-    """Mini-batch training over items (Alg. 1 lines 3–9). The first batch initialises the codebooks
-    by k-means. Returns the per-epoch mean loss parts."""
+                           learning_rate: float, weight_decay: float = 0.01, seed: int = 0, log=None):
+    """Mini-batch training over items (Alg. 1 lines 3–9) with AdamW (``learning_rate``,
+    ``weight_decay``; the authors' script: 2e-4, 1e-4). The first batch initialises the codebooks.
+    Returns the per-epoch mean loss parts."""
     n_items = len(next(iter(features.values())))
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
     history = []
     model.train()
     for epoch in range(epochs):
