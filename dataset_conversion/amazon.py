@@ -32,8 +32,10 @@ import datetime
 import gzip
 import json
 import re
+import math
 import string
 import sys
+import zlib
 from pathlib import Path
 
 import pandas as pd
@@ -104,26 +106,35 @@ def open_text(path):
     return open(path, encoding="utf-8", errors="replace")
 
 
+def numbered_lines(path, desc=None):
+    """(line number, line) of a plain or gzipped file; a damaged gzip is an error naming the file."""
+    try:
+        with open_text(path) as handle:
+            lines = tqdm(handle, desc=desc, unit=" lines", mininterval=2.0, leave=False, disable=desc is None)
+            yield from enumerate(lines, 1)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as error:
+        raise ValueError(f"{path}: damaged or truncated gzip file ({type(error).__name__}: {error}); download it "
+                         "again (or gunzip it and pass the plain file)") from None
+
+
 def parse_records(path, report, kind):
     """Yield (line_number, dict) for every parseable line; malformed lines are counted and skipped."""
-    with open_text(path) as handle:
-        lines = tqdm(handle, desc=f"reading {Path(path).name}", unit=" lines", mininterval=2.0, leave=False)
-        for line_number, line in enumerate(lines, 1):
-            line = line.strip()
-            if not line:
-                continue
+    for line_number, line in numbered_lines(path, f"reading {Path(path).name}"):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
             try:
-                record = json.loads(line)
-            except ValueError:
-                try:
-                    record = ast.literal_eval(line)
-                except (ValueError, SyntaxError, MemoryError, RecursionError):
-                    report.add(f"{kind}: malformed line (skipped)", f"{Path(path).name}:{line_number}")
-                    continue
-            if not isinstance(record, dict):
-                report.add(f"{kind}: line is not an object (skipped)", f"{Path(path).name}:{line_number}")
+                record = ast.literal_eval(line)
+            except (ValueError, SyntaxError, MemoryError, RecursionError):
+                report.add(f"{kind}: malformed line (skipped)", f"{Path(path).name}:{line_number}")
                 continue
-            yield line_number, record
+        if not isinstance(record, dict):
+            report.add(f"{kind}: line is not an object (skipped)", f"{Path(path).name}:{line_number}")
+            continue
+        yield line_number, record
 
 
 def review_timestamp(record):
@@ -131,7 +142,8 @@ def review_timestamp(record):
     value = record.get("unixReviewTime")
     if value not in (None, ""):
         try:
-            return float(value)
+            if math.isfinite(float(value)):
+                return float(value)
         except (TypeError, ValueError):
             pass
     text = record.get("reviewTime")
@@ -158,6 +170,8 @@ def read_reviews(path, report):
             continue
         try:
             rating = float(record["overall"])
+            if not math.isfinite(rating):
+                raise ValueError(rating)
         except (KeyError, TypeError, ValueError):
             report.add("reviews: no numeric 'overall' rating (kept, rating 0)", f"{name}:{line_number}")
             rating = 0.0
@@ -170,22 +184,23 @@ def read_ratings_csv(path, columns, report):
     (user,item,rating,timestamp); no header. ``columns`` names the four columns in file order."""
     rows = []
     name = Path(path).name
-    with open_text(path) as handle:
-        for line_number, line in enumerate(handle, 1):
-            parts = line.strip().split(",")
-            if len(parts) != 4:
-                report.add("ratings csv: malformed line (skipped)", f"{name}:{line_number}")
-                continue
-            record = dict(zip(columns, parts))
-            try:
-                timestamp, rating = float(record["timestamp"]), float(record["rating"])
-            except ValueError:
-                report.add("ratings csv: non-numeric rating/timestamp (skipped)", f"{name}:{line_number}")
-                continue
-            if not record["user"] or not record["item"]:
-                report.add("ratings csv: empty user/item (skipped)", f"{name}:{line_number}")
-                continue
-            rows.append((clean_token(record["user"]), clean_token(record["item"]), rating, timestamp))
+    for line_number, line in numbered_lines(path):
+        parts = line.strip().split(",")
+        if len(parts) != 4:
+            report.add("ratings csv: malformed line (skipped)", f"{name}:{line_number}")
+            continue
+        record = dict(zip(columns, parts))
+        try:
+            timestamp, rating = float(record["timestamp"]), float(record["rating"])
+            if not (math.isfinite(timestamp) and math.isfinite(rating)):
+                raise ValueError(record)
+        except ValueError:
+            report.add("ratings csv: non-numeric or non-finite rating/timestamp (skipped)", f"{name}:{line_number}")
+            continue
+        if not record["user"] or not record["item"]:
+            report.add("ratings csv: empty user/item (skipped)", f"{name}:{line_number}")
+            continue
+        rows.append((clean_token(record["user"]), clean_token(record["item"]), rating, timestamp))
     return pd.DataFrame(rows, columns=["user_id", "item_id", "rating", "timestamp"])
 
 

@@ -287,13 +287,21 @@ def _format_number(value):
 def read_item2index(dataset_dir, dataset):
     """Item tokens in row order, checked to be rows 0..N-1."""
     path = Path(dataset_dir) / f"{dataset}.item2index"
-    tokens = {}
+    tokens, line_of_token = {}, {}
     with open(path, encoding="utf-8") as handle:
         for line_number, line in enumerate(handle, 1):
             parts = line.rstrip("\n").split("\t")
             if len(parts) != 2 or not parts[1].isdigit():
                 raise ValueError(f"{path}:{line_number}: expected '<item token>\\t<row>', got {line!r}")
+            if parts[0] in line_of_token:
+                raise ValueError(f"{path}:{line_number}: item {parts[0]!r} is listed again (first on line "
+                                 f"{line_of_token[parts[0]]}); regenerate it with the converter")
+            if int(parts[1]) in tokens:
+                raise ValueError(f"{path}:{line_number}: row {parts[1]} is given twice; regenerate it with the converter")
+            line_of_token[parts[0]] = line_number
             tokens[int(parts[1])] = parts[0]
+    if not tokens:
+        raise ValueError(f"{path} is empty; run the dataset's converter first (it writes one line per item)")
     if sorted(tokens) != list(range(len(tokens))):
         raise ValueError(f"{path}: rows must be exactly 0..N-1; regenerate it with the converter")
     return [tokens[row] for row in range(len(tokens))]
@@ -307,10 +315,15 @@ def read_item_table(dataset_dir, dataset):
         if header[0] != "item_id":
             raise ValueError(f"{path}: first column must be item_id:token, got {header[0]!r}")
         columns = {name: {} for name in header[1:]}
+        line_of_item = {}
         for line_number, line in enumerate(handle, 2):
             parts = line.rstrip("\n").split("\t")
             if len(parts) != len(header):
                 raise ValueError(f"{path}:{line_number}: {len(parts)} fields, header has {len(header)}")
+            if parts[0] in line_of_item:
+                raise ValueError(f"{path}:{line_number}: item {parts[0]!r} is listed again (first on line "
+                                 f"{line_of_item[parts[0]]}), so its fields are ambiguous; regenerate it with the converter")
+            line_of_item[parts[0]] = line_number
             for name, value in zip(header[1:], parts[1:]):
                 columns[name][parts[0]] = value
     return columns

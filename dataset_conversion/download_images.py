@@ -40,15 +40,23 @@ def urls_from_dataset(dataset_dir, dataset):
 
 
 def urls_from_list(path):
-    pairs = []
+    """(token, url) per line; a token listed twice (two images would race for one file) or a list without
+    any line is an error naming the file."""
+    pairs, line_of_token = [], {}
     with open(path, encoding="utf-8") as handle:
         for line_number, line in enumerate(handle, 1):
             if not line.strip():
                 continue
             parts = line.rstrip("\n").split("\t")
-            if len(parts) != 2:
+            if len(parts) != 2 or not parts[0].strip():
                 raise ValueError(f"{path}:{line_number}: expected '<item token>\\t<url>', got {line!r}")
+            if parts[0] in line_of_token:
+                raise ValueError(f"{path}:{line_number}: item {parts[0]!r} is listed again (first on line "
+                                 f"{line_of_token[parts[0]]}); keep one URL per item")
+            line_of_token[parts[0]] = line_number
             pairs.append((parts[0], parts[1].strip()))
+    if not pairs:
+        raise ValueError(f"{path} lists no '<item token>\\t<url>' line; nothing to download")
     return pairs
 
 

@@ -298,11 +298,14 @@ def encode_text_modality(dataset_dir, dataset, modality, field, encoder, batch_s
                     "unique_texts": len(unique_texts)})
 
 
-def find_images(image_dir):
-    """{item token: image path} for files named <token>.<image suffix> (what download_images.py writes)."""
+def find_images(image_dir, report=None):
+    """{item token: image path} for files named <token>.<image suffix> (what download_images.py writes);
+    a token with several such files keeps the first by name, counted in ``report``."""
     found = {}
     for path in sorted(Path(image_dir).iterdir()) if Path(image_dir).is_dir() else []:
         if path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith("."):
+            if path.stem in found and report is not None:
+                report.add("several image files for one item (first by name kept)", f"{path.name} ({found[path.stem].name} kept)")
             found.setdefault(path.stem, path)
     return found
 
@@ -322,7 +325,8 @@ def encode_image_modality(dataset_dir, dataset, image_dir, encoder, modality="im
     from tqdm import tqdm
 
     tokens = read_item2index(dataset_dir, dataset)
-    files = find_images(image_dir)
+    report = BadInputReport()
+    files = find_images(image_dir, report)
     listing = [(token, files[token].name, files[token].stat().st_size) if token in files else (token, "", 0)
                for token in tokens]
     entry_key = {
@@ -336,7 +340,6 @@ def encode_image_modality(dataset_dir, dataset, image_dir, encoder, modality="im
         feature_name, mask_name = _feature_names(dataset, modality)
         return np.load(Path(dataset_dir) / feature_name), np.load(Path(dataset_dir) / mask_name)
 
-    report = BadInputReport()
     present = np.zeros(len(tokens), dtype=bool)
     rows, batch, vectors = [], [], {}
 

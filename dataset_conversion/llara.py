@@ -45,6 +45,7 @@ from dataset_conversion.common import (  # noqa: E402
     hash_outputs,
     load_manifest,
     log,
+    run_converter,
     save_manifest,
     sha256_file,
     write_table,
@@ -268,4 +269,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_converter(main))

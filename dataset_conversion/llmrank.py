@@ -31,6 +31,7 @@ target from the list, as LLMRank does).
 """
 import argparse
 import csv
+import math
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -52,6 +53,7 @@ from dataset_conversion.common import (  # noqa: E402
     hash_outputs,
     load_manifest,
     log,
+    run_converter,
     save_manifest,
     sha256_file,
     write_table,
@@ -82,8 +84,10 @@ def read_interactions(path, report):
                 continue
             try:
                 time = float(parts[2])
+                if not math.isfinite(time):
+                    raise ValueError(time)
             except ValueError:
-                report.add(f"{path.name}: non-numeric timestamp (skipped)", f"{path.name}:{line_number}")
+                report.add(f"{path.name}: non-numeric or non-finite timestamp (skipped)", f"{path.name}:{line_number}")
                 continue
             users.append(parts[0])
             items.append(parts[1])
@@ -237,4 +241,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_converter(main))

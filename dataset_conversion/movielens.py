@@ -16,6 +16,7 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 if __package__ in (None, ""):
@@ -58,17 +59,33 @@ def title_with_year(title, year):
     return f"{title} ({year})"
 
 
+def read_table(path, columns, **kwargs):
+    """A tab-separated file through pandas, with its columns checked; an empty or unparsable file is an
+    error naming it (pandas' own messages do not)."""
+    try:
+        frame = pd.read_csv(path, sep="\t", dtype=str, **kwargs)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError) as error:
+        raise ValueError(f"{path}: cannot be read as a tab-separated table ({error}); check the file") from None
+    if "names" not in kwargs:
+        frame.columns = [column.split(":")[0] for column in frame.columns]
+    missing = [column for column in columns if column not in frame.columns]
+    if missing:
+        raise ValueError(f"{path}: no column(s) {missing} (columns: {list(frame.columns)}); expected {list(columns)}")
+    return frame
+
+
 def read_recbole_atomic(raw_dir, name, report):
     """<name>.inter and <name>.item as shipped by RecBole (wheel copy of ml-100k, downloadable ml-1m)."""
     raw_dir = Path(raw_dir)
-    inter = pd.read_csv(raw_dir / f"{name}.inter", sep="\t", dtype=str, quoting=3)
-    inter.columns = [column.split(":")[0] for column in inter.columns]
-    items = pd.read_csv(raw_dir / f"{name}.item", sep="\t", dtype=str, quoting=3, keep_default_na=False)
-    items.columns = [column.split(":")[0] for column in items.columns]
+    inter = read_table(raw_dir / f"{name}.inter", ("user_id", "item_id", "rating", "timestamp"), quoting=3)
+    items = read_table(raw_dir / f"{name}.item", ("item_id", "movie_title"), quoting=3, keep_default_na=False)
     genre_column = "class" if "class" in items.columns else "genre"
     rows = {}
-    for record in items.to_dict("records"):
+    for line_number, record in enumerate(items.to_dict("records"), 2):
         genres = [g for g in re.split(r"[\s|]+", record.get(genre_column, "")) if g]
+        if record["item_id"] in rows:
+            report.add(f"{name}.item: repeated item id (first kept)", f"{name}.item:{line_number}")
+            continue
         rows[record["item_id"]] = {
             "title": title_with_year(record.get("movie_title", ""), record.get("release_year", "")),
             "genre": ", ".join(genres),
@@ -94,14 +111,16 @@ def read_grouplens_1m(raw_dir, report):
             if len(parts) != 3:
                 report.add("movies.dat: malformed line (skipped)", f"movies.dat:{line_number}")
                 continue
+            if parts[0] in rows:
+                report.add("movies.dat: repeated movie id (first kept)", f"movies.dat:{line_number}")
+                continue
             rows[parts[0]] = {"title": clean_field(parts[1]), "genre": ", ".join(g for g in parts[2].split("|") if g)}
     return inter, rows
 
 
 def read_grouplens_100k(raw_dir, report):
     raw_dir = Path(raw_dir)
-    inter = pd.read_csv(raw_dir / "u.data", sep="\t", header=None, dtype=str,
-                        names=["user_id", "item_id", "rating", "timestamp"])
+    inter = read_table(raw_dir / "u.data", (), header=None, names=["user_id", "item_id", "rating", "timestamp"])
     rows = {}
     with open(raw_dir / "u.item", encoding="latin-1") as handle:
         for line_number, line in enumerate(handle, 1):
@@ -110,6 +129,9 @@ def read_grouplens_100k(raw_dir, report):
                 report.add("u.item: malformed line (skipped)", f"u.item:{line_number}")
                 continue
             flags = parts[5:]
+            if parts[0] in rows:
+                report.add("u.item: repeated movie id (first kept)", f"u.item:{line_number}")
+                continue
             rows[parts[0]] = {
                 "title": clean_field(parts[1]),
                 "genre": ", ".join(g for g, flag in zip(ML_100K_GENRES, flags) if flag == "1"),
@@ -151,6 +173,8 @@ def convert(source="ml-100k", raw_dir=None, output_dir=None, dataset=None, user_
     dataset_dir = Path(output_dir or default_data_dir()) / dataset
     report = BadInputReport()
     (inter, movies), files = read_raw(source, raw_dir, report)
+    if inter.empty:
+        raise ValueError(f"{files[0]}: no rating line could be read; check the file (--raw_dir)")
     parameters = {
         "converter": "movielens",
         "source": source,
@@ -166,9 +190,13 @@ def convert(source="ml-100k", raw_dir=None, output_dir=None, dataset=None, user_
 
     inter["rating"] = pd.to_numeric(inter["rating"], errors="coerce")
     inter["timestamp"] = pd.to_numeric(inter["timestamp"], errors="coerce")
-    bad_time = inter["timestamp"].isna().to_numpy()
+    bad_time = ~np.isfinite(inter["timestamp"].to_numpy(dtype=float))
     for position in bad_time.nonzero()[0]:
-        report.add("ratings without a numeric timestamp (skipped)", f"rating row {position + 1}")
+        report.add("ratings without a finite numeric timestamp (skipped)", f"rating row {position + 1}")
+    bad_rating = ~np.isfinite(inter["rating"].to_numpy(dtype=float)) & ~bad_time
+    for position in bad_rating.nonzero()[0]:
+        report.add("ratings without a finite numeric rating (skipped)", f"rating row {position + 1}")
+    bad_time |= bad_rating
     inter = inter[~bad_time]
     unknown = ~inter["item_id"].isin(movies.keys())
     for item in inter.loc[unknown, "item_id"].unique():

@@ -24,6 +24,7 @@ stop the conversion (RecBole orders by time, so the split would no longer be the
 """
 import argparse
 import ast
+import math
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -44,6 +45,7 @@ from dataset_conversion.common import (  # noqa: E402
     hash_outputs,
     load_manifest,
     log,
+    run_converter,
     outputs_match,
     read_item2index,
     read_item_table,
@@ -119,6 +121,8 @@ def read_rows(path, report, asin_of, with_negatives):
                 continue
             try:
                 user, item, time = int(parts[0]), int(parts[1]), float(parts[2])
+                if not math.isfinite(time):
+                    raise ValueError(time)
                 negatives = [int(n) for n in ast.literal_eval(parts[3])] if with_negatives else None
             except (ValueError, SyntaxError, TypeError):
                 report.add(f"{name}: malformed row (skipped)", where)
@@ -135,7 +139,11 @@ def read_attributes(path, report, asin_of):
     attributes = {}
     if path is None or not Path(path).exists():
         return attributes
-    frame = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    try:
+        frame = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError) as error:
+        raise ValueError(f"{path}: cannot be read as a tab-separated table ({error}); fix or remove it "
+                         "(item_meta.csv is optional)") from None
     missing = [column for column in ("item_id", "i_category", "i_brand") if column not in frame.columns]
     if missing:
         raise ValueError(f"{path}:1: no column(s) {missing}; expected item_id, i_category, i_brand")
@@ -358,4 +366,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_converter(main))

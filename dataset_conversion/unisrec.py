@@ -52,6 +52,9 @@ def read_asin_index(path):
             parts = line.rstrip("\n").split("\t")
             if len(parts) != 2 or not parts[1].isdigit():
                 raise ValueError(f"{path}:{line_number}: expected '<ASIN>\\t<row>', got {line!r}")
+            if parts[0] in rows:
+                raise ValueError(f"{path}:{line_number}: ASIN {parts[0]} is listed again (rows {rows[parts[0]]} and "
+                                 f"{parts[1]}); the index must map each ASIN to one row")
             rows[parts[0]] = int(parts[1])
     if sorted(rows.values()) != list(range(len(rows))):
         raise ValueError(f"{path}: rows must be exactly 0..N-1 once each")

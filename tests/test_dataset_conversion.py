@@ -668,7 +668,7 @@ def test_ratings_only_csv_2018_and_2014_layouts(tmp_path):
         inter = read_inter(dataset_dir / f"{name}.inter")
         assert list(zip(inter.user_id, inter.item_id, inter.timestamp.astype(float))) == expected
     bad = load_manifest(dir18, "Csv18")["conversion"]["bad_input"]
-    assert bad["ratings csv: non-numeric rating/timestamp (skipped)"]["first"] == [f"Office_Products.csv:{len(rows) + 1}"]
+    assert bad["ratings csv: non-numeric or non-finite rating/timestamp (skipped)"]["first"] == [f"Office_Products.csv:{len(rows) + 1}"]
     assert bad["ratings csv: malformed line (skipped)"]["first"] == [f"Office_Products.csv:{len(rows) + 2}"]
 
 

@@ -276,7 +276,7 @@ def test_llmrank_bad_input_is_counted_with_file_and_line(tmp_path):
     bad = {kind: entry["first"] for kind, entry in load_manifest(dataset_dir, "toy")["conversion"]["bad_input"].items()}
     assert bad == {
         "lastfm.inter: malformed line (skipped)": ["lastfm.inter:10"],
-        "lastfm.inter: non-numeric timestamp (skipped)": ["lastfm.inter:11"],
+        "lastfm.inter: non-numeric or non-finite timestamp (skipped)": ["lastfm.inter:11"],
         "lastfm.inter: timestamp earlier than the user's previous line (kept, sorted)": ["lastfm.inter:7"],
         "lastfm.inter: repeated (user, item, timestamp) row (first kept)": ["lastfm.inter:9"],
         "lastfm.item: repeated item (first kept)": ["lastfm.item:4"],

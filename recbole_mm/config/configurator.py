@@ -9,6 +9,8 @@ Where datasets are read (and converters write), highest first: ``data_path`` giv
 (command line, config files, config_dict) > ``$RECBOLE_MM_DATA`` > ``./dataset`` (RecBole's default).
 """
 import difflib
+import functools
+import math
 import os
 from pathlib import Path
 
@@ -30,6 +32,29 @@ DATA_ENV_VAR = "RECBOLE_MM_DATA"
 # RecBole's overall.yaml default, which its context-aware quick-start yaml switches off
 CONTEXT_NEGATIVE_SAMPLING = {"distribution": "uniform", "sample_num": 1, "alpha": 1.0, "dynamic": False,
                              "candidate_num": 0}
+
+
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A mapping gives one key twice: YAML keeps the last silently."""
+
+
+@functools.lru_cache(maxsize=None)
+def unique_key_loader(base):
+    """``base`` (RecBole's yaml loader) refusing a key given twice in one mapping."""
+
+    class UniqueKeyLoader(base):
+        def construct_mapping(self, node, deep=False):
+            first_line = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                if key in first_line:
+                    raise DuplicateKeyError(problem=f"{key} is given twice (lines {first_line[key]} and {line})",
+                                            problem_mark=key_node.start_mark)
+                first_line[key] = line
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeyLoader
 
 
 def default_data_path():
@@ -73,10 +98,13 @@ class Config(RecBoleConfig):
         for file in file_list or []:
             try:
                 with open(file, "r", encoding="utf-8") as handle:
-                    content = yaml.load(handle.read(), Loader=self.yaml_loader)
+                    content = yaml.load(handle.read(), Loader=unique_key_loader(self.yaml_loader))
             except FileNotFoundError:
                 raise RecboleMMError(f"Config file {file} (--config_files) not found: check the path "
                                      "(relative paths are read from the working directory).") from None
+            except DuplicateKeyError as error:
+                raise RecboleMMError(f"Config file {file}: {error.problem}; YAML would keep the last one silently. "
+                                     "Keep the one you mean.") from None
             except (yaml.YAMLError, UnicodeDecodeError) as error:
                 reason = " ".join(str(error).split())
                 raise RecboleMMError(f"Config file {file} is not valid YAML ({reason}). Fix the file.") from None
@@ -204,6 +232,11 @@ class Config(RecBoleConfig):
                 raise RecboleMMError(
                     f"{self._where(key)} is {value!r} ({type(value).__name__}), but {key} takes "
                     f"{describe_types(types)} (default: {default!r}). Give a value of that type."
+                )
+            if isinstance(value, float) and not math.isfinite(value):
+                raise RecboleMMError(
+                    f"{self._where(key)} is {value!r}: a number here must be finite (default: {default!r}); "
+                    f"give a finite value, or ~ for the default behaviour."
                 )
 
     def _init_device(self):

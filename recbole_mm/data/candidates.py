@@ -24,6 +24,11 @@ import torch
 from recbole_mm.utils import RecboleMMError
 
 
+class CandidateSettingError(RecboleMMError, ValueError):
+    """``num_candidates`` cannot work (too small, or more than the catalogue offers): a clean error at
+    the command line, a ValueError for callers that catch those."""
+
+
 def _row_items(history_row) -> List[int]:
     """Real (non-padding) item ids of one right-padded history row, in order."""
     return [int(item) for item in history_row if int(item) != 0]
@@ -34,7 +39,8 @@ class CandidateSampler:
 
     def __init__(self, n_items: int, num_candidates: int = 5, seed: int = 2020):
         if num_candidates < 2:
-            raise ValueError(f"num_candidates={num_candidates}: a candidate set needs the target and at least one negative.")
+            raise CandidateSettingError(f"num_candidates={num_candidates}: a candidate set needs the target and at least "
+                                        "one negative; set num_candidates to 2 or more.")
         self.n_items = int(n_items)
         self.num_candidates = int(num_candidates)
         self.seed = int(seed)
@@ -46,7 +52,7 @@ class CandidateSampler:
         available = self.n_items - len(excluded)
         n_negatives = self.num_candidates - 1
         if available < n_negatives:
-            raise ValueError(
+            raise CandidateSettingError(
                 f"only {available} items are outside this history (n_items={self.n_items}): "
                 f"num_candidates={self.num_candidates} needs {n_negatives} negatives; lower num_candidates."
             )
@@ -112,46 +118,54 @@ class CandidateFile:
         self.path = Path(path)
         self.num_candidates = None if num_candidates is None else int(num_candidates)
         if self.num_candidates is not None and self.num_candidates < 2:
-            raise ValueError(f"num_candidates={num_candidates}: a candidate set needs the target and at least one negative.")
+            raise CandidateSettingError(f"num_candidates={num_candidates}: a candidate set needs the target and at least "
+                                        "one negative; set num_candidates to 2 or more (or ~ for every listed item).")
         self.seed = int(seed)
         if not self.path.is_file():
             raise RecboleMMError(f"candidate_file {self.path} does not exist; give a path relative to the dataset folder or an absolute one.")
         self.lists, self.per_sample = self._read(user_token2id, item_token2id)
 
+    def _lines(self):
+        try:
+            with open(self.path, encoding="utf-8") as handle:
+                return list(enumerate(handle, 1))
+        except UnicodeDecodeError as error:
+            raise RecboleMMError(f"candidate_file {self.path} is not UTF-8 text ({error.reason} at byte {error.start}): "
+                                 "regenerate it for this dataset (converter).") from None
+
     def _read(self, user_token2id, item_token2id):
         lists, problems, widths = {}, defaultdict(list), set()
-        with open(self.path, encoding="utf-8") as handle:
-            for line_number, line in enumerate(handle, 1):
-                if not line.strip():
+        for line_number, line in self._lines():
+            if not line.strip():
+                continue
+            fields = line.rstrip("\n").split("\t")
+            where = f"{self.path.name}:{line_number}"
+            if len(fields) not in (2, 3) or not fields[-1].split():
+                problems["malformed lines (need user<TAB>items or user<TAB>target<TAB>items)"].append(where)
+                continue
+            widths.add(len(fields))
+            user = user_token2id.get(fields[0])
+            if user is None:
+                problems["users unknown to the dataset"].append(f"{where} ({fields[0]})")
+                continue
+            tokens = fields[-1].split()
+            unknown = [token for token in tokens if token not in item_token2id]
+            if unknown:
+                problems["items unknown to the dataset"].append(f"{where} ({unknown[0]}, {len(unknown)} in the line)")
+                continue
+            if len(set(tokens)) != len(tokens):
+                problems["lines listing an item twice"].append(where)
+                continue
+            key = user
+            if len(fields) == 3:
+                if fields[1] not in item_token2id:
+                    problems["items unknown to the dataset"].append(f"{where} (target {fields[1]})")
                     continue
-                fields = line.rstrip("\n").split("\t")
-                where = f"{self.path.name}:{line_number}"
-                if len(fields) not in (2, 3) or not fields[-1].split():
-                    problems["malformed lines (need user<TAB>items or user<TAB>target<TAB>items)"].append(where)
-                    continue
-                widths.add(len(fields))
-                user = user_token2id.get(fields[0])
-                if user is None:
-                    problems["users unknown to the dataset"].append(f"{where} ({fields[0]})")
-                    continue
-                tokens = fields[-1].split()
-                unknown = [token for token in tokens if token not in item_token2id]
-                if unknown:
-                    problems["items unknown to the dataset"].append(f"{where} ({unknown[0]}, {len(unknown)} in the line)")
-                    continue
-                if len(set(tokens)) != len(tokens):
-                    problems["lines listing an item twice"].append(where)
-                    continue
-                key = user
-                if len(fields) == 3:
-                    if fields[1] not in item_token2id:
-                        problems["items unknown to the dataset"].append(f"{where} (target {fields[1]})")
-                        continue
-                    key = (user, item_token2id[fields[1]])
-                if key in lists:
-                    problems["keys (user or user+target) on more than one line"].append(where)
-                    continue
-                lists[key] = np.array([item_token2id[token] for token in tokens], dtype=np.int64)
+                key = (user, item_token2id[fields[1]])
+            if key in lists:
+                problems["keys (user or user+target) on more than one line"].append(where)
+                continue
+            lists[key] = np.array([item_token2id[token] for token in tokens], dtype=np.int64)
         if len(widths) > 1:
             problems["a mix of 2- and 3-field lines"].append(self.path.name)
         if not lists and not problems:

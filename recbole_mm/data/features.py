@@ -48,10 +48,21 @@ class FeatureTableSpec:
             path = Path(path)
             return path if path.is_absolute() else Path(dataset_dir) / path
 
+        for key, kinds, meaning in (("path", (str,), "a file name"), ("mask", (str,), "a file name"),
+                                    ("dim", (int,), "a positive integer"),
+                                    ("allow_missing", (bool,), "true or false")):
+            value = entry.get(key)
+            wrong_type = value is not None and (not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool)))
+            if wrong_type or (key == "dim" and value is not None and value < 1):
+                raise RecboleMMError(
+                    f"feature_tables.{name}.{key} is {value!r} ({type(value).__name__}); it takes {meaning}. "
+                    f"Fix feature_tables.{name} where feature_tables is set (the dataset yaml, a --config_files "
+                    "file or --feature_tables)."
+                )
         return cls(
             name=name,
             path=resolve(entry["path"]),
-            dim=int(entry["dim"]) if entry.get("dim") is not None else None,
+            dim=entry.get("dim"),
             mask_path=resolve(entry["mask"]) if entry.get("mask") else None,
             allow_missing=bool(entry.get("allow_missing", False)),
         )
@@ -84,9 +95,15 @@ def open_feature_file(spec):
             f"Feature table '{spec.name}': cannot read {path} ({error}). Expected .npy, .pt, or raw "
             f"float32 with feature_tables.{spec.name}.dim set."
         ) from error
-    if rows.ndim != 2:
+    if rows.ndim != 2 or rows.shape[1] == 0:
         raise RecboleMMError(
-            f"Feature table '{spec.name}': {path} has shape {tuple(rows.shape)}, expected (items, dim)."
+            f"Feature table '{spec.name}': {path} has shape {tuple(rows.shape)}, expected (items, dim) with dim >= 1 "
+            "(row r = the features of item row r). Re-encode the features (dataset_conversion/encode_features.py)."
+        )
+    if not (np.issubdtype(rows.dtype, np.floating) or np.issubdtype(rows.dtype, np.integer)):
+        raise RecboleMMError(
+            f"Feature table '{spec.name}': {path} holds {rows.dtype} values, not numbers. Re-encode the features "
+            "(dataset_conversion/encode_features.py writes float32)."
         )
     if spec.dim is not None and rows.shape[1] != spec.dim:
         raise RecboleMMError(
@@ -112,18 +129,31 @@ def _open_raw_float32(spec):
 
 
 def read_item2index(path):
-    """``token<TAB>row`` lines -> dict token -> row."""
-    mapping = {}
-    with open(path, encoding="utf-8") as file:
-        for line_number, line in enumerate(file, 1):
-            if not line.strip():
-                continue
-            parts = line.rstrip("\n").split("\t")
-            if len(parts) != 2 or not parts[1].strip().lstrip("-").isdigit():
-                raise RecboleMMError(
-                    f"{path}, line {line_number}: expected 'token<TAB>row', found {line.strip()!r}."
-                )
-            mapping[parts[0]] = int(parts[1])
+    """``token<TAB>row`` lines -> dict token -> row; each token and each row at most once."""
+    mapping, line_of_row, line_of_token = {}, {}, {}
+    fix = "Regenerate it with dataset_conversion/ (one line per item, rows 0..N-1)."
+    try:
+        with open(path, encoding="utf-8") as file:
+            lines = list(enumerate(file, 1))
+    except UnicodeDecodeError as error:
+        raise RecboleMMError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start}). {fix}") from None
+    for line_number, line in lines:
+        if not line.strip():
+            continue
+        parts = line.rstrip("\n").split("\t")
+        if len(parts) != 2 or not parts[1].strip().isdigit():
+            raise RecboleMMError(
+                f"{path}, line {line_number}: expected 'token<TAB>row' (row a number >= 0), found {line.strip()!r}. {fix}"
+            )
+        token, row = parts[0], int(parts[1])
+        if token in line_of_token:
+            raise RecboleMMError(f"{path}, line {line_number}: item {token!r} is listed again (first on line "
+                                 f"{line_of_token[token]}), so its feature row is ambiguous. {fix}")
+        if row in line_of_row:
+            raise RecboleMMError(f"{path}, line {line_number}: row {row} is given again (first on line "
+                                 f"{line_of_row[row]}), so two items would share one feature row. {fix}")
+        line_of_token[token], line_of_row[row] = line_number, line_number
+        mapping[token] = row
     return mapping
 
 
@@ -134,6 +164,10 @@ def feature_rows_for_tokens(tokens, item2index_path):
     """
     if item2index_path is not None and Path(item2index_path).is_file():
         item2index = read_item2index(item2index_path)
+        if not item2index:
+            raise RecboleMMError(f"{item2index_path} is empty: it must list every item's feature row "
+                                 "('token<TAB>row'). Regenerate it with dataset_conversion/, or remove it when the "
+                                 "item tokens are the row numbers.")
         if any(token in item2index for token in tokens):
             return np.array([item2index.get(token, -1) for token in tokens], dtype=np.int64), (
                 f"rows from {item2index_path}"
@@ -156,6 +190,29 @@ def feature_rows_for_tokens(tokens, item2index_path):
             "Provide <dataset>.item2index (token<TAB>row) next to the atomic files."
         )
     return np.array([int(token) for token in tokens], dtype=np.int64), "item tokens are row numbers", None
+
+
+def read_mask(spec, n_file_rows):
+    """The presence mask file: (N,) or (N, 1) of bool, or of numbers that are all 0 or 1."""
+    fix = f"Re-encode the features (the encoder writes both files) or fix feature_tables.{spec.name}.mask."
+    try:
+        values = np.load(spec.mask_path, allow_pickle=False)
+    except Exception as error:
+        raise RecboleMMError(f"Feature table '{spec.name}': cannot read mask {spec.mask_path} as .npy ({error}). "
+                             f"{fix}") from None
+    if values.ndim == 2 and values.shape[1] == 1:
+        values = values[:, 0]
+    if values.ndim != 1 or values.shape[0] != n_file_rows:
+        raise RecboleMMError(f"Feature table '{spec.name}': mask {spec.mask_path} has shape {values.shape}, "
+                             f"expected ({n_file_rows},): one entry per feature row. {fix}")
+    if values.dtype != bool:
+        numeric = np.issubdtype(values.dtype, np.number)
+        bad = np.flatnonzero(~np.isin(values, (0, 1))) if numeric else np.arange(len(values))
+        if len(bad):
+            raise RecboleMMError(f"Feature table '{spec.name}': mask {spec.mask_path} holds values other than 0/1 "
+                                 f"(e.g. {values[bad[0]]!r} at row {bad[0]}); a mask says present (1) or missing (0). "
+                                 f"{fix}")
+    return values.astype(bool)
 
 
 def load_feature_table(spec, item_tokens, item2index_path):
@@ -182,12 +239,7 @@ def load_feature_table(spec, item_tokens, item2index_path):
                 f"Feature table '{spec.name}': mask file {spec.mask_path} does not exist "
                 f"(feature_tables.{spec.name}.mask)."
             )
-        file_mask = np.load(spec.mask_path, allow_pickle=False).astype(bool).reshape(-1)
-        if file_mask.shape[0] != n_file_rows:
-            raise RecboleMMError(
-                f"Feature table '{spec.name}': mask {spec.mask_path} has {file_mask.shape[0]} entries "
-                f"for {n_file_rows} feature rows."
-            )
+        file_mask = read_mask(spec, n_file_rows)
 
     has_row = (rows >= 0) & (rows < n_file_rows)
     present = has_row.copy()

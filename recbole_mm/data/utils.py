@@ -3,13 +3,16 @@ import importlib
 
 from recbole.utils import FeatureSource, FeatureType, ModelType
 
+from recbole_mm.data.atomic_files import check_atomic_files
 from recbole_mm.data.dataset import MultimodalSequentialDataset, SequentialDataset
 from recbole_mm.utils import RecboleMMError, get_model
 
 
 def create_dataset(config):
     """Build the dataset the model needs: the multimodal one when the model reads item features,
-    RecBole's own class otherwise. Never loads RecBole's pickled dataset cache."""
+    RecBole's own class otherwise. Never loads RecBole's pickled dataset cache. The atomic files are
+    checked first (``recbole_mm.data.atomic_files``)."""
+    check_atomic_files(config)
     model_class = getattr(config, "model_class", None) or get_model(config["model"])
     if getattr(model_class, "needs_features", False):
         return MultimodalSequentialDataset(config)

@@ -56,6 +56,11 @@ def candidate_source_from_config(config, dataset):
 
 
 class CandidateProtocolMixin:
+    def prepare_candidate_source(self, dataset):
+        """Read ``candidate_file`` (or set up the sampler) now, so that a bad file stops the run before
+        training rather than at the first evaluation."""
+        self._candidate_source = candidate_source_from_config(self.config, dataset)
+
     def evaluate(self, eval_data, *args, **kwargs):
         if eval_data and getattr(self, "_candidate_source", None) is None:
             self._candidate_source = candidate_source_from_config(self.config, eval_data._dataset)

@@ -68,6 +68,8 @@ def build(model, dataset, config_file_list=None, config_dict=None, cmd_args=()):
     if config["candidate_protocol"]:
         trainer_class = with_candidate_protocol(trainer_class)
     trainer = trainer_class(config, model)
+    if config["candidate_protocol"]:
+        trainer.prepare_candidate_source(train_data.dataset)
     return config, (train_data, valid_data, test_data), model, trainer
 
 
