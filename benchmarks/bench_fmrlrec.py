@@ -41,6 +41,7 @@ from recbole_mm.tools.fmrlrec import (
 from recbole_mm.model.fmrlrec import FMRLRec, resolve_mrl_sizes
 from recbole_mm.data import create_dataset
 from recbole_mm.experiments.measure import machine_description  # noqa: E402
+from recbole_mm.utils.atomic import write_text_atomic  # noqa: E402
 
 
 def scientific(config_dict):
@@ -188,7 +189,7 @@ def accuracy(args):
         result = run(model, "Scientific", config_dict={**common, **model_settings[model]})
         result["train_minutes"] = (time.perf_counter() - start) / 60
         result["machine"] = machine_description()
-        (out / f"accuracy_{model}.json").write_text(json.dumps(result, indent=1, default=str))
+        write_text_atomic(out / f"accuracy_{model}.json", json.dumps(result, indent=1, default=str))
 
     results = {model: json.loads((out / f"accuracy_{model}.json").read_text())
                for model in model_settings if (out / f"accuracy_{model}.json").is_file()}
@@ -214,7 +215,7 @@ def accuracy(args):
                   "", f"plot: {plot_path}", "", "Parameter accounting (paper Fig. 4):", "",
                   parameter_table(parameter_accounting(config, train_data.dataset))]
     report = "\n".join(lines)
-    (out / "fmrlrec_accuracy_scientific.md").write_text(report + "\n")
+    write_text_atomic(out / "fmrlrec_accuracy_scientific.md", report + "\n")
     print(report)
 
 

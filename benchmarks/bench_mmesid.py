@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 from recbole_mm.experiments.measure import machine_description  # noqa: E402
+from recbole_mm.utils.atomic import write_text_atomic  # noqa: E402
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_ROOT))
@@ -77,8 +78,8 @@ def worker(stage, out_file, cmd_args):
         result["tables_file"] = str(export_item_tables(DATASET, result["checkpoint"], config_dict=prepared,
                                                        cmd_args=cmd_args))
         result["files"] = prepared
-    Path(out_file).write_text(json.dumps({"stage": stage, "wall_s": wall, "peak_rss_mb": peak_mb,
-                                          "result": result}, default=str))
+    write_text_atomic(out_file, json.dumps({"stage": stage, "wall_s": wall, "peak_rss_mb": peak_mb,
+                                            "result": result}, default=str))
 
 
 def run_variant(name, out_dir, extra):

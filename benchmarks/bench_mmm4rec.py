@@ -31,6 +31,7 @@ from recbole_mm.config import default_data_path
 from recbole_mm.quick_start import build
 from recbole_mm.quick_start.transfer import load_pretrained, pretrain
 from recbole_mm.experiments.measure import machine_description  # noqa: E402
+from recbole_mm.utils.atomic import copy_file_atomic, write_text_atomic  # noqa: E402
 
 
 def shared_settings(args):
@@ -170,10 +171,10 @@ def write_scientific_copy(root, name, keep_user=lambda user: True, max_len=20):
             user, items, item = line.split("\t")
             if keep_user(int(user)):
                 kept.append("\t".join([user, " ".join(items.split(" ")[-max_len:]), item]))
-        (target / f"{name}.{split}.inter").write_text("\n".join(kept) + "\n")
-    shutil.copy(source / "Scientific.item2index", target / f"{name}.item2index")
+        write_text_atomic(target / f"{name}.{split}.inter", "\n".join(kept) + "\n")
+    copy_file_atomic(source / "Scientific.item2index", target / f"{name}.item2index")
     for suffix in ("feat1CLS", "feat3CLS"):
-        shutil.copy(source / f"Scientific.{suffix}", target / f"Shared.{suffix}")
+        copy_file_atomic(source / f"Scientific.{suffix}", target / f"Shared.{suffix}")
     return {
         "data_path": str(root), "benchmark_filename": ["train", "valid", "test"],
         "alias_of_item_id": ["item_id_list"], "load_col": {"inter": ["user_id", "item_id_list", "item_id"]},

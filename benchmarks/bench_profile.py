@@ -34,6 +34,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from recbole_mm.utils.atomic import write_text_atomic  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 GEMM_SHAPE = (20480, 256, 1024)
 
@@ -176,8 +178,8 @@ def main():
     table = markdown(rows, header)
     print("\n" + table)
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(f"# Training-step profile\n\n`python benchmarks/bench_profile.py "
-                           f"{' '.join(sys.argv[1:])}`\n\n{table}")
+    write_text_atomic(args.output, f"# Training-step profile\n\n`python benchmarks/bench_profile.py "
+                                   f"{' '.join(sys.argv[1:])}`\n\n{table}")
     print(f"written to {args.output}")
 
 

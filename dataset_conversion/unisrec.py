@@ -16,13 +16,13 @@ with ``--data_path=<output_dir>``.
 """
 import argparse
 import os
-import shutil
 import sys
 from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from recbole_mm.utils.atomic import copy_file_atomic  # noqa: E402
 from dataset_conversion.common import (  # noqa: E402
     BadInputReport,
     clean_field,
@@ -121,12 +121,13 @@ def convert(source, output_dir=None, dataset=None, copy=False, force=False):
     dataset_dir.mkdir(parents=True, exist_ok=True)
     for suffix in carried:
         target = dataset_dir / f"{dataset}.{suffix}"
-        if target.exists() or target.is_symlink():
-            target.unlink()
         if copy:
-            shutil.copyfile(source / f"{source_name}.{suffix}", target)
-        else:
-            os.symlink((source / f"{source_name}.{suffix}").resolve(), target)
+            copy_file_atomic(source / f"{source_name}.{suffix}", target)
+        else:  # a new link beside the target, renamed over it: the old name stays valid until then
+            link = target.with_name(f".{target.name}.link{os.getpid()}")
+            link.unlink(missing_ok=True)
+            os.symlink((source / f"{source_name}.{suffix}").resolve(), link)
+            os.replace(link, target)
     by_row = sorted(asin_rows.items(), key=lambda pair: pair[1])
     for asin, _ in by_row:
         if not texts.get(asin):

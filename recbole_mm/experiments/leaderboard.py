@@ -47,6 +47,7 @@ from recbole_mm.experiments.measure import machine_description
 from recbole_mm.experiments.significance import compare
 from recbole_mm.experiments.store import ResultsStore
 from recbole_mm.utils import RecboleMMError
+from recbole_mm.utils.atomic import open_atomic, save_figure_atomic, write_text_atomic
 
 SPEC_KEYS = {"dataset", "reference", "metric", "seeds", "max_trials", "config_files", "model_config_files", "models",
              "description"}
@@ -166,7 +167,7 @@ def write_outputs(output, spec, outcomes, header_lines):
             + ["converged", "epochs", "trainable params", f"{metric} vs {reference}", "p (paired t)", "p (Wilcoxon)"])
     lines = [f"# Leaderboard: {spec['dataset']}", "", *header_lines, "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    with open(output / "table.csv", "w", newline="", encoding="utf-8") as handle:
+    with open_atomic(output / "table.csv", "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["model", "best_params", "seeds", "valid_score"]
                         + [f"test {key} {part}" for key in test_keys for part in ("mean", "std")]
@@ -190,8 +191,8 @@ def write_outputs(output, spec, outcomes, header_lines):
     failures = [f"- {row['model']}: {error[:200]}" for row in rows for error in row["errors"]]
     if failures:
         lines += ["", "Failed cells (retried on the next run):", *failures]
-    (output / "table.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    with open(output / "tuning.csv", "w", newline="", encoding="utf-8") as handle:
+    write_text_atomic(output / "table.md", "\n".join(lines) + "\n")
+    with open_atomic(output / "tuning.csv", "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["model", "params", "status", "valid_score", "epochs", "epoch_cap", "converged", "config_hash"])
         for model, outcome in outcomes.items():
@@ -222,7 +223,7 @@ def plot(path, spec, rows, title):
     axis.set_title(f"{spec['dataset']}: {title} (mean ± std over seeds; grey = reference)")
     axis.tick_params(axis="x", rotation=30)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    save_figure_atomic(figure, path, dpi=120)
     plt.close(figure)
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from recbole_mm.utils.atomic import open_atomic
+from recbole_mm.utils.atomic import open_atomic, save_figure_atomic
 
 
 # --------------------------------------------------------------------------------------------
@@ -56,7 +56,7 @@ def write_spectrum(matrices, out_prefix):
     axes.set_ylabel("log10 singular value / max")
     axes.legend(fontsize="small")
     figure.tight_layout()
-    figure.savefig(png_path, dpi=120)
+    save_figure_atomic(figure, png_path, dpi=120)
     plt.close(figure)
     return csv_path, png_path
 

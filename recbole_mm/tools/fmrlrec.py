@@ -30,7 +30,7 @@ from recbole_mm.model.layers.matryoshka import MatryoshkaLinear
 from recbole_mm.data.utils import create_dataset
 from recbole_mm.trainer.fmrlrec_trainer import evaluate_sizes
 from recbole_mm.utils import RecboleMMError, get_trainer
-from recbole_mm.utils.atomic import write_text_atomic
+from recbole_mm.utils.atomic import save_figure_atomic, write_text_atomic
 
 # Keys RecBole derives from others while building a Config; passing them back in would fight it.
 DERIVED_CONFIG_KEYS = {
@@ -74,7 +74,7 @@ def plot_sizes(sizes: Sequence[int], results: Sequence[Dict[str, float]], path: 
     axis.grid(alpha=0.3)
     axis.legend()
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    save_figure_atomic(figure, path, dpi=120)
     plt.close(figure)
 
 

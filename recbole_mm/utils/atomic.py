@@ -61,3 +61,17 @@ def torch_save_atomic(obj, path):
 
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+def save_figure_atomic(figure, path, **kwargs):
+    """``figure.savefig`` through ``atomic_path``; the format comes from ``path``'s suffix, since the
+    temporary name's suffix is not an image type."""
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png", **kwargs)
+
+
+def copy_file_atomic(source, path):
+    import shutil
+
+    with atomic_path(path) as tmp:
+        shutil.copyfile(source, tmp)
