@@ -32,7 +32,8 @@ def wheel_venv(tmp_path_factory):
     site = Path(run_checked([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"])
                 .stdout.strip())
     (site / "zz_test_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    run_checked([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", "--no-index",
+    # --ignore-installed: the test venv's own (editable) recbole-mm is visible through the path entry
+    run_checked([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", "--no-index", "--ignore-installed",
                  str(wheel)])
     return env_dir, wheel
 
