@@ -23,8 +23,8 @@ repeat an earlier row's (user, item, time) (default: the 2018 dumps list one rev
 variant, e.g. 1,108 of All_Beauty_5's 5,269 rows; --keep_variant_repeats keeps them) -> optional --dedup of
 repeated (user, item) at different times (earliest kept) -> k-core (default 5/5) -> items sorted by ASIN =
 item2index rows. The manifest's stats count every step.
-Bad input never stops the run (except when nothing is left): it is counted, the first few line numbers are
-kept, and a summary is printed and stored in the manifest. See docs/datasets.md.
+Bad rows never stop the run (a damaged gzip file, or nothing left, does): they are counted, the first few
+line numbers are kept, and a summary is printed and stored in the manifest. See docs/datasets.md.
 """
 import argparse
 import ast

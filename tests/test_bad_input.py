@@ -166,6 +166,11 @@ CONFIG_CASES = {
     "inf number": (lambda t: config_from(t, "weight_decay: .inf\n"), ["weight_decay", "must be finite"]),
     "wrong type": (lambda t: config_from(t, "epochs: many\n"), ["epochs", "'many'", "an integer"]),
     "unknown key": (lambda t: config_from(t, "hiden_size: 8\n"), ["hiden_size", "did you mean hidden_size"]),
+    "value RecBole refuses: eval mode": (lambda t: config_from(t, "eval_args: {mode: sideways}\n"),
+                                         ["RecBole refuses", "mode [sideways]", "Fix that setting"]),
+    "value RecBole refuses: metric": (lambda t: config_from(t, "metrics: [Nonsense]\n"),
+                                      ["RecBole refuses", "no metric named 'Nonsense'"]),
+    "value RecBole refuses: topk": (lambda t: config_from(t, "topk: [0]\n"), ["RecBole refuses", "topk", "`0`"]),
 }
 
 
@@ -432,3 +437,40 @@ def test_converters_with_a_main_exit_2_from_the_command_line(tmp_path):
                               text=True, timeout=300)
         assert done.returncode == 2 and "Traceback" not in done.stderr, (script, done.stderr)
         assert str(tmp_path / "none") in done.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# Matrices given to the embedding-analysis tool (recbole_mm/tools/embedding_analysis.py)
+# ----------------------------------------------------------------------------------------------
+def spectrum_of(tmp, content, name="m.pt", key=":embedding"):
+    if content is not None:
+        path = tmp / name
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        elif name.endswith(".npy"):
+            np.save(path, content)
+        else:
+            torch.save(content, path)
+    return ["spectrum", f"{tmp / name}{key}", "--out", str(tmp / "spec")]
+
+
+TOOL_CASES = {
+    "missing file": (lambda t: spectrum_of(t, None), ["m.pt does not exist", "file[:key.subkey]"]),
+    "not a tensor file": (lambda t: spectrum_of(t, b"not a tensor"), ["m.pt", "cannot be read"]),
+    "missing key": (lambda t: spectrum_of(t, {"other": torch.zeros(3, 2)}), ["m.pt", "no key 'embedding'", "other"]),
+    "1-d tensor": (lambda t: spectrum_of(t, {"embedding": torch.zeros(3)}), ["not a 2-d tensor", "(3,)"]),
+    "NaN values": (lambda t: spectrum_of(t, np.array([[1.0, np.nan], [0.0, 1.0]]), "m.npy", ""), ["m.npy", "NaN/inf"]),
+}
+
+
+@pytest.mark.parametrize("case", list(TOOL_CASES))
+def test_embedding_analysis_bad_input_exits_2(case, tmp_path, capsys):
+    from recbole_mm.tools.embedding_analysis import main
+
+    argv, fragments = TOOL_CASES[case][0](tmp_path), TOOL_CASES[case][1]
+    assert main(argv) == 2
+    message = capsys.readouterr().err.strip()
+    assert message.startswith("embedding_analysis: error: ") and len(message.splitlines()) == 1, message
+    for fragment in fragments:
+        assert fragment in message, message
+    assert not list(tmp_path.glob("spec*"))

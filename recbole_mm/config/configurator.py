@@ -87,7 +87,13 @@ class Config(RecBoleConfig):
     def __init__(self, model=None, dataset=None, config_file_list=None, config_dict=None, cmd_args=()):
         self._cmd_args = list(cmd_args)
         self._key_sources = {}  # key -> where the user gave it, lowest precedence first
-        super().__init__(model, dataset, config_file_list, config_dict)
+        try:
+            super().__init__(model, dataset, config_file_list, config_dict)
+        except (ValueError, NotImplementedError, RuntimeError, TypeError) as error:
+            # RecBole's own checks of values (eval_args mode, metrics, topk, repeatable, ...) raise these
+            reason = " ".join(str(error).split()).rstrip(".")
+            raise RecboleMMError(f"RecBole refuses the configuration: {reason}. Fix that setting (--key=value, a "
+                                 "config file or config_dict).") from error
 
     def _note_sources(self, keys, source):
         for key in keys:

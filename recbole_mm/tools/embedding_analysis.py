@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from recbole_mm.utils import RecboleMMError
 from recbole_mm.utils.atomic import open_atomic, save_figure_atomic
 
 
@@ -105,23 +106,35 @@ def behaviour_target_kendall(embedding_a, embedding_b, item_seq, item_seq_len, t
 # --------------------------------------------------------------------------------------------
 def load_item_matrix(spec, dataset=None):
     """``file[:key.subkey]`` -> (rows, D) float tensor; aligned to ``dataset``'s item ids when the
-    file is a dict with ``item_tokens``."""
+    file is a dict with ``item_tokens``. Any problem of the file is a ``RecboleMMError`` naming it."""
     path, _, key = str(spec).partition(":")
-    if path.endswith(".npy"):
-        return torch.from_numpy(np.load(path)).float()
-    content = torch.load(path, map_location="cpu", weights_only=True)
+    if not Path(path).is_file():
+        raise RecboleMMError(f"{path} does not exist; a matrix is given as file[:key.subkey] (a .npy or .pt file).")
+    try:
+        content = (torch.from_numpy(np.load(path, allow_pickle=False)) if path.endswith(".npy")
+                   else torch.load(path, map_location="cpu", weights_only=True))
+    except Exception as error:
+        raise RecboleMMError(f"{path}: cannot be read as a .npy array or a PyTorch tensor file "
+                             f"({type(error).__name__}: {' '.join(str(error).split())[:200]}).") from None
     matrix = content
     for part in filter(None, key.split(".")):
         if not isinstance(matrix, dict) or part not in matrix:
             available = sorted(matrix) if isinstance(matrix, dict) else type(matrix).__name__
-            raise KeyError(f"{path}: no key {part!r} on the way to {key!r} (available: {available}).")
+            raise RecboleMMError(f"{path}: no key {part!r} on the way to {key!r} (available: {available}).")
         matrix = matrix[part]
     if not isinstance(matrix, torch.Tensor) or matrix.dim() != 2:
-        raise ValueError(f"{spec} is not a 2-d tensor; name a key, e.g. {path}:embedding.")
+        shape = tuple(matrix.shape) if isinstance(matrix, torch.Tensor) else type(matrix).__name__
+        raise RecboleMMError(f"{spec} is not a 2-d tensor ({shape}); name a key holding one, e.g. {path}:embedding.")
+    if not torch.isfinite(matrix.float()).all():
+        raise RecboleMMError(f"{spec} holds NaN/inf values: neither a spectrum nor distances are defined for them.")
     if dataset is not None and isinstance(content, dict) and "item_tokens" in content:
         from recbole_mm.data.item_tables import rows_for_dataset_tokens
 
         matrix = matrix[rows_for_dataset_tokens(content["item_tokens"], dataset, path)]
+    elif dataset is not None and matrix.shape[0] < dataset.item_num:
+        raise RecboleMMError(f"{spec} has {matrix.shape[0]} rows, but dataset '{dataset.dataset_name}' has "
+                             f"{dataset.item_num} item ids (0 = padding): give one row per internal item id, or a "
+                             "dict with item_tokens (what the MMESID stages write).")
     return matrix.float()
 
 
@@ -153,6 +166,14 @@ def main(argv=None):
     kendall.add_argument("--split", default="test", choices=["train", "valid", "test"])
     kendall.add_argument("--config_files", default=None)
     args = parser.parse_args(argv)
+    try:
+        return run_command(args)
+    except RecboleMMError as error:
+        print(f"embedding_analysis: error: {error}", file=sys.stderr)
+        return 2
+
+
+def run_command(args):
     if args.command == "spectrum":
         matrices = {Path(spec).name: load_item_matrix(spec) for spec in args.matrices}  # short plot labels
         csv_path, png_path = write_spectrum(matrices, args.out)
