@@ -1,6 +1,7 @@
 """Exact resume: a run killed with SIGKILL and resumed from its -last.pth ends exactly where the
 uninterrupted run ends (same best validation and test metrics), for a one-stage model (MMSASRec)
 and a multi-stage one (Speeder, 2 stages, an LR schedule and model-owned random generators)."""
+import os
 import re
 import signal
 import subprocess
@@ -35,8 +36,13 @@ def result_line(stdout):
     return line.split(" checkpoint=")[0]  # the checkpoint paths differ between the two runs
 
 
+# one torch thread: only then are two CPU runs bit-identical (docs/reliability.md, "Exact resume")
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
 def cli(*args, cwd):
-    return subprocess.run([sys.executable, CLI, *args], cwd=cwd, capture_output=True, text=True, timeout=900)
+    return subprocess.run([sys.executable, CLI, *args], cwd=cwd, capture_output=True, text=True, timeout=900,
+                          env=ONE_THREAD)
 
 
 @pytest.mark.parametrize("model", ["MMSASRec", "Speeder"])
@@ -50,7 +56,7 @@ def test_three_epochs_straight_equal_one_epoch_kill_resume(model, scientific_dir
     straight = cli(*common, "--checkpoint_dir=straight", cwd=tmp_path)
     assert straight.returncode == 0, straight.stderr[-3000:]
 
-    killed = subprocess.Popen([sys.executable, CLI, *common, "--checkpoint_dir=killed"], cwd=tmp_path,
+    killed = subprocess.Popen([sys.executable, CLI, *common, "--checkpoint_dir=killed"], cwd=tmp_path, env=ONE_THREAD,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 600
     resume_points = []

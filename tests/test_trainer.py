@@ -63,7 +63,17 @@ def test_checkpoint_from_another_model_is_refused(slice_root):
         trainer.resume_checkpoint(sasrec_trainer.saved_model_file)
 
 
-def test_resume_continues_from_the_saved_epoch(slice_root):
+@pytest.fixture
+def one_torch_thread():
+    """Bit-identical CPU runs need one thread: with two, the matrix kernels' reductions round
+    differently from run to run (two uninterrupted runs already differ in the last bits)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_resume_continues_from_the_saved_epoch(slice_root, one_torch_thread):
     """Resuming from the -last.pth resume point gives the uninterrupted run's epoch exactly: same
     loss, same weights (dropout on and shuffled batches, so every random state matters)."""
     settings = dict(epochs=2, hidden_dropout_prob=0.3, lr_scheduler="warmup_linear", warmup_steps=1)
