@@ -175,3 +175,28 @@ def test_rqvae_leaves_missing_images_out_of_the_image_losses():
         assert parts[f"align_collab_{name}"] == pytest.approx(align.item(), rel=1e-5)
         expected_total = expected_total + 0.5 * align
     assert total.item() == pytest.approx(expected_total.item(), rel=1e-5)
+
+
+def test_mmesid_scores_an_item_without_image_by_its_other_channels(toy_without_some_images, mmesid_stage_files):
+    """Eq. 18 for an item without an image: the image channel's weight goes to the others in
+    proportion (w_j / (1 - w_v)); its table row (the projection bias alone) adds nothing."""
+    root, row_of_token, text, image, mask = toy_without_some_images
+    config = toy_config(root, llm_hidden_size=HIDDEN, llm_num_layers=1, llm_num_heads=2, fusion_hidden_size=8,
+                        **mmesid_stage_files)
+    _, (train, _, _), model, _ = build("MMESID", "TimeToy", config_dict=config)
+    missing, present = items_by_image(train.dataset, row_of_token, mask)
+    model.eval()
+    user_state = torch.randn(3, HIDDEN, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model.full_scores(user_state)
+        g = model.fusion_mlp
+        for item in missing + present[:3]:
+            softmax = torch.softmax(g(model.item_frequency_feature[item]) / model.fusion_temperature, -1)  # (x, c, t, v)
+            if item in missing:
+                softmax = torch.cat([softmax[:3] / (1 - softmax[3]), torch.zeros(1)])
+            tables = [model.target_item_embedding.weight[item]] + [
+                model.projections[name](model.feature_table(name)[item]) for name in ("collab", "text", "image")]
+            expected = sum(weight * (user_state @ table) for weight, table in zip(softmax, tables))
+            torch.testing.assert_close(full[:, item], expected, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(model.item_scores(user_state, torch.full((3, 1), item))[:, 0], expected,
+                                       rtol=1e-5, atol=1e-6)

@@ -107,11 +107,13 @@ def test_missing_stage_file_is_a_clear_error(slice_root, stage_files):
 def test_fusion_weights_sum_to_one(built):
     _, _, model, _ = built
     weights = model.fusion_weights()
-    assert weights.shape == (model.n_items, 4) and (weights > 0).all()
+    # the padding item 0 has no feature row in any modality: all its weight is on E_x
+    assert weights.shape == (model.n_items, 4) and (weights[1:] > 0).all()
+    torch.testing.assert_close(weights[0], torch.tensor([1.0, 0.0, 0.0, 0.0]))
     torch.testing.assert_close(weights.sum(-1), torch.ones(model.n_items))
     model.use_fusion = False
     try:
-        torch.testing.assert_close(model.fusion_weights(), torch.full((model.n_items, 4), 0.25))
+        torch.testing.assert_close(model.fusion_weights()[1:], torch.full((model.n_items - 1, 4), 0.25))
     finally:
         model.use_fusion = True
 
@@ -124,12 +126,12 @@ def test_authors_fusion_mlp_has_their_layers(built):
                getattr(m, "bias", None) is not None) for m in g]
     assert shapes == [("Linear", 1, 8, True), ("GELU", None, None, False), ("Linear", 8, 10, True),
                       ("Linear", 10, 8, False), ("GELU", None, None, False), ("Linear", 8, 4, True)]
-    q = model.item_frequency_feature[:5]
+    q = model.item_frequency_feature[1:6]
     gelu = torch.nn.functional.gelu
     hidden = gelu(q @ g[0].weight.t() + g[0].bias) @ g[2].weight.t() + g[2].bias
     expected = gelu(hidden @ g[3].weight.t()) @ g[5].weight.t() + g[5].bias
     torch.testing.assert_close(g(q), expected)
-    torch.testing.assert_close(model.fusion_weights(torch.arange(5)), torch.softmax(expected / model.fusion_temperature, -1))
+    torch.testing.assert_close(model.fusion_weights(torch.arange(1, 6)), torch.softmax(expected / model.fusion_temperature, -1))
 
 
 def test_one_hidden_fusion_mlp(slice_root, stage_files):
