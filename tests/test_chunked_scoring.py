@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from tests.conftest import scientific_slice_config, write_scientific_slice
+from tests.conftest import PROJECT_ROOT, scientific_slice_config, write_scientific_slice
 from recbole_mm.quick_start import build
 
 SMALL = {
@@ -48,3 +48,17 @@ def test_training_scores_are_not_chunked(scientific_dir, in_tmp_cwd):
     with torch.no_grad():
         model.item_table()
     assert calls[0] == model.n_items and calls[1:] == [min(50, model.n_items - s) for s in range(0, model.n_items, 50)]
+
+
+def test_catalogue_benchmark_scores_every_item_of_its_synthetic_catalogue(tmp_path):
+    """benchmarks/bench_catalogue.py: the .item file puts every item in the catalogue RecBole scores
+    (not only the few the users touched), and both chunk settings report a row."""
+    import sys
+
+    sys.path.insert(0, str(PROJECT_ROOT / "benchmarks"))
+    from bench_catalogue import run_isolated, write_dataset
+
+    data_config = write_dataset(tmp_path, n_items=700, dim=8, n_users=20)
+    rows = [run_isolated("MMSASRec", chunk, data_config, batches=1) for chunk in (128, 0)]
+    assert [row["status"] for row in rows] == ["ok", "ok"], rows
+    assert [row["n_items"] for row in rows] == [700, 700] and all(row["users"] == 20 for row in rows)
