@@ -200,3 +200,11 @@ def test_mmesid_scores_an_item_without_image_by_its_other_channels(toy_without_s
             torch.testing.assert_close(full[:, item], expected, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(model.item_scores(user_state, torch.full((3, 1), item))[:, 0], expected,
                                        rtol=1e-5, atol=1e-6)
+    # the authors' temperature (0.001) makes the softmax one-hot: still finite when the winner is absent
+    model.fusion_temperature = 1e-3
+    with torch.no_grad():
+        model.fusion_mlp[-1].weight.zero_()
+        model.fusion_mlp[-1].bias.copy_(torch.tensor([0.0, 0.0, 0.0, 10.0]))  # the image channel wins alone
+        weights = model.fusion_weights()
+    assert torch.isfinite(weights).all() and (weights[missing, 3] == 0).all()
+    torch.testing.assert_close(model.fusion_weights().sum(-1), torch.ones(model.n_items))

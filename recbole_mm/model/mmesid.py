@@ -148,17 +148,18 @@ class MMESID(MultimodalSequentialRecommender):
     def fusion_weights(self, items=None):
         """(n_items or items.shape, 1 + channels) weights (w_x, w_c, w_t, w_v) summing to 1 (eq. 18).
         A channel the item lacks (no image) gets weight 0 and the others share its weight in proportion:
-        its table row would be the projection's bias alone, a score the item's content never set."""
+        its table row would be the projection's bias alone, a score the item's content never set.
+        (A softmax over the present channels: the same as renormalising, without underflow at small
+        temperatures.)"""
         frequency = self.item_frequency_feature if items is None else self.item_frequency_feature[items]
-        if not self.use_fusion:
-            weights = torch.ones(*frequency.shape[:-1], 1 + len(self.channels), device=frequency.device)
+        present = torch.cat([torch.ones_like(frequency, dtype=torch.bool)] + [
+            (self.feature_mask(name) if items is None else self.feature_mask(name)[items]).unsqueeze(-1)
+            for name in self.channels], dim=-1)
+        if self.use_fusion:
+            logits = self.fusion_mlp(frequency) / self.fusion_temperature
         else:
-            weights = torch.softmax(self.fusion_mlp(frequency) / self.fusion_temperature, dim=-1)
-        present = [torch.ones_like(frequency)] + [
-            (self.feature_mask(name) if items is None else self.feature_mask(name)[items]).unsqueeze(-1).to(weights.dtype)
-            for name in self.channels]
-        weights = weights * torch.cat(present, dim=-1)
-        return weights / weights.sum(dim=-1, keepdim=True)
+            logits = torch.zeros(present.shape, device=frequency.device)
+        return torch.softmax(logits.masked_fill(~present, float("-inf")), dim=-1)
 
     def scoring_tables(self, items=None):
         """[E_x, W_c E_c + b_c, W_t E_t + b_t, ...] rows for ``items`` (all items when None)."""
