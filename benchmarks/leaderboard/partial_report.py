@@ -3,7 +3,6 @@
 import json, sys
 from pathlib import Path
 from recbole_mm.experiments.leaderboard import load_spec, trial_points, write_outputs, valid_key
-from recbole_mm.experiments.measure import machine_description
 spec = load_spec("benchmarks/leaderboard/Scientific.yaml")
 cells = [json.loads(p.read_text()) for p in Path(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/leaderboard/Scientific/cells").glob("*.json")]
 outcomes = {}
@@ -23,7 +22,8 @@ out = Path("benchmarks/results/leaderboard/Scientific")
 write_outputs(out, spec, outcomes, [
     "PARTIAL: the run was still going when this session ended; rows list the seeds finished so far "
     f"(models tuned: {', '.join(outcomes)}; not started: the rest of the spec).",
-    "Machine: AMD EPYC, 2 cores shared with up to 8 other jobs (load average 3-12), 1 torch thread per cell, torch 2.14.1.",
+    "Machines (as each cell recorded them): " + "; ".join(sorted({c.get("machine", "?").split(", load average")[0] for c in cells}))
+    + ". Up to 3 cells or benchmarks shared the 2 cores.",
     "Each model tuned over 2 learning rates on seed 2020's validation NDCG@10, best point on seeds 2020-2022; epoch cap 300, "
     "early stopping after 10 validations without a gain, hidden_size 64 for every model. Significance: ndcg@10 per test "
     "user vs SASRec, paired by user and seed, pooled over the seeds both have."])
