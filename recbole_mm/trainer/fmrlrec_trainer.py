@@ -9,11 +9,13 @@ from recbole_mm.trainer.trainer import MMTrainer
 
 
 @torch.no_grad()
-def evaluate_sizes(model, eval_data, config) -> List[Dict[str, float]]:
+def evaluate_sizes(model, eval_data, config, collector=None, evaluator=None) -> List[Dict[str, float]]:
     """RecBole full-sort metrics of every nested size, from one encoding pass over ``eval_data``.
-    Same masking as RecBole's trainer (padding item and the user's history excluded)."""
+    Same masking as RecBole's trainer (padding item and the user's history excluded).
+    ``collector`` / ``evaluator``: the largest size's (a trainer passes its own, so whatever watches
+    them, such as the per-user metrics of a leaderboard cell, sees the ordinary evaluation)."""
     model.eval()
-    collectors = [Collector(config) for _ in model.mrl_sizes]
+    collectors = [Collector(config) for _ in model.mrl_sizes[:-1]] + [collector or Collector(config)]
     for interaction, history_index, positive_u, positive_i in eval_data:
         interaction = interaction.to(model.device)
         scores = model.full_sort_predict_per_size(interaction)  # (n_sizes, B, n_items)
@@ -22,8 +24,9 @@ def evaluate_sizes(model, eval_data, config) -> List[Dict[str, float]]:
             scores[:, history_index[0], history_index[1]] = -torch.inf
         for collector, size_scores in zip(collectors, scores):
             collector.eval_batch_collect(size_scores, interaction, positive_u, positive_i)
-    evaluator = Evaluator(config)
-    return [dict(evaluator.evaluate(collector.get_data_struct())) for collector in collectors]
+    smaller_sizes = Evaluator(config)
+    evaluators = [smaller_sizes] * (len(collectors) - 1) + [evaluator or smaller_sizes]
+    return [dict(e.evaluate(c.get_data_struct())) for e, c in zip(evaluators, collectors)]
 
 
 class FMRLRecTrainer(MMTrainer):
@@ -47,7 +50,7 @@ class FMRLRecTrainer(MMTrainer):
             checkpoint_file = model_file or self.saved_model_file
             self.load_model_checkpoint(checkpoint_file)
             self.logger.info(f"Loading model structure and parameters from {checkpoint_file}")
-        results = evaluate_sizes(self.model, eval_data, self.config)
+        results = evaluate_sizes(self.model, eval_data, self.config, self.eval_collector, self.evaluator)
         self.results_per_size = dict(zip(self.model.mrl_sizes, results))
         metric = self.valid_metric.lower()
         self.logger.info("every size, " + metric + ": " + "  ".join(
