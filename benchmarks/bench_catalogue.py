@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from recbole_mm.utils.atomic import write_text_atomic  # noqa: E402
+from recbole_mm.utils.atomic import atomic_path, torch_save_atomic, write_text_atomic  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NAME = "Catalogue"
@@ -61,21 +61,22 @@ def write_dataset(root, n_items, dim, n_users, seed=0):
     target.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     for modality in ("text", "image"):
-        table = np.memmap(target / f"{NAME}.{modality}.f32", dtype=np.float32, mode="w+", shape=(n_items, dim))
-        for start in range(0, n_items, 50_000):
-            rows = min(50_000, n_items - start)
-            table[start:start + rows] = rng.standard_normal((rows, dim), dtype=np.float32)
-        table.flush()
-        del table
-    (target / f"{NAME}.item").write_text("item_id:token\n" + "".join(f"{i}\n" for i in range(n_items)))
+        with atomic_path(target / f"{NAME}.{modality}.f32") as temporary:
+            table = np.memmap(temporary, dtype=np.float32, mode="w+", shape=(n_items, dim))
+            for start in range(0, n_items, 50_000):
+                rows = min(50_000, n_items - start)
+                table[start:start + rows] = rng.standard_normal((rows, dim), dtype=np.float32)
+            table.flush()
+            del table
+    write_text_atomic(target / f"{NAME}.item", "item_id:token\n" + "".join(f"{i}\n" for i in range(n_items)))
     for offset, split in enumerate(("train", "valid", "test")):
         lines = ["user_id:token\titem_id_list:token_seq\titem_id:token"]
         for user in range(n_users):
             items = rng.integers(0, n_items, HISTORY + 3)
             history = items[offset:offset + HISTORY]
             lines.append(f"{user}\t{' '.join(map(str, history))}\t{items[offset + HISTORY]}")
-        (target / f"{NAME}.{split}.inter").write_text("\n".join(lines) + "\n")
-    done.write_text(f"{n_items} {dim} {n_users} {seed}")
+        write_text_atomic(target / f"{NAME}.{split}.inter", "\n".join(lines) + "\n")
+    write_text_atomic(done, f"{n_items} {dim} {n_users} {seed}")
     return config
 
 
@@ -86,11 +87,12 @@ def mmesid_stage_files(root, n_items, hidden, levels=4, codes=256, seed=0):
     tokens = [str(i) for i in range(n_items)]
     collab, sid = Path(root) / "collab.pt", Path(root) / "sid.pt"
     if not sid.is_file():
-        torch.save({"item_tokens": tokens, "embedding": torch.randn(n_items, hidden, generator=generator)}, collab)
+        torch_save_atomic({"item_tokens": tokens, "embedding": torch.randn(n_items, hidden, generator=generator)}, collab)
         channels = ["collab", "text", "image"]
-        torch.save({"item_tokens": tokens,
-                    "codes": {m: torch.randint(0, codes, (n_items, levels), generator=generator) for m in channels},
-                    "codebooks": {m: torch.randn(levels, codes, hidden, generator=generator) for m in channels}}, sid)
+        torch_save_atomic({"item_tokens": tokens,
+                           "codes": {m: torch.randint(0, codes, (n_items, levels), generator=generator) for m in channels},
+                           "codebooks": {m: torch.randn(levels, codes, hidden, generator=generator) for m in channels}},
+                          sid)
     return {"mmesid_collab_file": str(collab), "mmesid_sid_file": str(sid)}
 
 
