@@ -9,6 +9,7 @@ from scipy import stats
 from recbole_mm.experiments.leaderboard import load_spec, run_leaderboard, trial_points
 from recbole_mm.experiments.significance import compare
 from recbole_mm.utils import RecboleMMError
+from recbole_mm.utils.lock import output_lock
 from tests.conftest import write_scientific_slice
 
 
@@ -99,5 +100,30 @@ def test_leaderboard_tunes_on_valid_trains_seeds_and_resumes(scientific_dir, in_
     assert (output / "ndcg_at_10.png").stat().st_size > 0
     assert len((output / "tuning.csv").read_text().splitlines()) == 1 + 1 + 2
 
+    assert "Complete: every model of the spec on every seed." in table
+
     again = run_leaderboard(spec, output, isolate=False, log=lambda message: None)
     assert all(r["reused"] for o in again.values() for r in o["finals"])
+
+    # A run of one model keeps the other model's row; a report names what the store lacks.
+    (output / "table.md").unlink()
+    run_leaderboard(spec, output, models=["SASRec"], isolate=False, log=lambda message: None)
+    assert "| MMSASRec | learning_rate=" in (output / "table.md").read_text()
+    spec["models"]["GRU4Rec"] = {}
+    spec["seeds"] = [2020, 2021, 2022]
+    report = run_leaderboard(spec, output, isolate=False, log=lambda message: None, train=False)
+    assert set(report) == {"SASRec", "MMSASRec"}
+    table = (output / "table.md").read_text()
+    missing = ", ".join(f"{model} (2 of 3 seeds)" for model in spec["models"] if model != "GRU4Rec")
+    assert f"INCOMPLETE: not tuned yet: GRU4Rec; seeds still missing: {missing}." in table
+    assert not list((output / "cells").glob("GRU4Rec_*")) and not list((output / "cells").glob("*seed2022*"))
+
+
+def test_a_second_leaderboard_run_on_one_output_stops_at_once(tmp_path):
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump({"dataset": "SciSlice", "reference": "SASRec", "metric": "ndcg@10",
+                                         "seeds": [2020], "models": {"SASRec": {}}}))
+    with output_lock(tmp_path / "board", "a leaderboard run"):
+        with pytest.raises(RecboleMMError, match="is in use by a leaderboard run"):
+            run_leaderboard(load_spec(spec_path), tmp_path / "board", log=lambda message: None)
+    assert not (tmp_path / "board" / "cells").exists()

@@ -39,8 +39,9 @@ def shared_evaluation_settings(model, dataset, config_file_list, config_dict, cm
 
 
 def run_cell(store, model, dataset, seed, config_file_list, config_dict, cmd_args, isolate=True, timeout=None,
-             log=print, model_config_files=(), per_user=False):
+             log=print, model_config_files=(), per_user=False, train=True):
     """Read the cell from the store when it finished before, else train it; return its record.
+    ``train=False`` only reads: a cell not in the store comes back with status ``missing``.
 
     ``config_file_list`` is shared by every cell, ``model_config_files`` is this model's own: the
     evaluation settings (``EVALUATION_KEYS``) always come from the shared layers. ``per_user``: the
@@ -65,6 +66,8 @@ def run_cell(store, model, dataset, seed, config_file_list, config_dict, cmd_arg
         log(f"[{model} / {dataset} / seed {seed}] finished before: read "
             f"{store.path(model, dataset, seed, record['config_hash'])}")
         return {**stored, "reused": True}
+    if not train:
+        return {**record, "status": "missing"}
     log(f"[{model} / {dataset} / seed {seed}] training (config {record['config_hash']})")
     start = time.perf_counter()
     if isolate:

@@ -28,7 +28,12 @@ used every epoch of its cap did not early-stop: it is marked as not converged.
 Outputs in ``--output``: ``table.md`` / ``table.csv`` (one row per model), ``tuning.csv`` (every
 trial), ``<metric>.png`` (test metric per model, mean and sample std over seeds). Tables are
 rewritten each time a model finishes; ``--jobs N`` trains N models at once (each cell in its own
-process; give each ``OMP_NUM_THREADS`` cores).
+process; give each ``OMP_NUM_THREADS`` cores). The tables show every model of the spec whose cells
+are stored, so ``--models X`` adds a row without losing the others, and a table built while cells
+are still missing says which (``INCOMPLETE: ...``); ``--report`` writes them from the store without
+training. One leaderboard run at a time holds ``<output>/.lock``: a second one on the same
+``--output`` stops at once instead of training the same cells twice (run models side by side with
+``--jobs``, or on another ``--output`` and copy the finished cells into this one's ``cells/``).
 """
 import argparse
 import csv
@@ -48,6 +53,7 @@ from recbole_mm.experiments.significance import compare
 from recbole_mm.experiments.store import ResultsStore
 from recbole_mm.utils import RecboleMMError
 from recbole_mm.utils.atomic import open_atomic, save_figure_atomic, write_text_atomic
+from recbole_mm.utils.lock import output_lock
 
 SPEC_KEYS = {"dataset", "reference", "metric", "seeds", "max_trials", "config_files", "model_config_files", "models",
              "description"}
@@ -96,19 +102,25 @@ def valid_key(record):
     return score if record.get("valid_score_bigger", True) else -score
 
 
-def run_model(store, spec, model, config_dict, cmd_args, log, timeout=None, isolate=True):
-    """Tune ``model`` on the first seed's validation score, then train its best point on every seed."""
+def run_model(store, spec, model, config_dict, cmd_args, log, timeout=None, isolate=True, train=True):
+    """Tune ``model`` on the first seed's validation score, then train its best point on every seed.
+    ``train=False`` reads the store only: None until every tuning trial is stored; seeds not yet
+    stored are left out of the finals."""
     run = lambda seed, params: run_cell(  # noqa: E731
         store, model, spec["dataset"], seed, spec["config_files"], {**config_dict, **params}, cmd_args, isolate,
-        timeout=timeout, log=log, model_config_files=spec["model_config_files"].get(model, []), per_user=True)
+        timeout=timeout, log=log, model_config_files=spec["model_config_files"].get(model, []), per_user=True,
+        train=train)
     trials = []
     for params in trial_points(spec["models"][model]):
         trials.append({"params": params, "record": run(spec["seeds"][0], params)})
+    if any(trial["record"]["status"] == "missing" for trial in trials):
+        return None
     finished = [trial for trial in trials if trial["record"]["status"] == "ok"]
     if not finished:
         return {"model": model, "trials": trials, "best_params": None, "finals": []}
     best = max(finished, key=lambda trial: valid_key(trial["record"]))
     finals = [best["record"]] + [run(seed, best["params"]) for seed in spec["seeds"][1:]]
+    finals = [record for record in finals if record["status"] != "missing"]
     return {"model": model, "trials": trials, "best_params": best["params"], "finals": finals}
 
 
@@ -228,36 +240,67 @@ def plot(path, spec, rows, title):
 
 
 def run_leaderboard(spec, output, models=None, config_dict=None, cmd_args=(), jobs=1, timeout=None, log=print,
-                    isolate=True):
+                    isolate=True, train=True):
     """Tune and train every model of the spec (or ``models``); write the outputs; return per-model outcomes.
+
+    The tables always show every model of the spec that has its cells in the store, trained by this
+    run or an earlier one, so ``--models X`` adds X's row without dropping the others.
+    ``train=False`` (``--report``) trains nothing: it writes the tables from the store.
     ``isolate=False`` trains in this process (tests; peak memory is then not the cell's own)."""
     output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
-    store = ResultsStore(output)
-    models = list(models or spec["models"])
+    models = list(models or spec["models"]) if train else []
     missing = [model for model in models if model not in spec["models"]]
     if missing:
         raise RecboleMMError(f"--models {missing} are not in the spec's models {list(spec['models'])}.")
     config_dict = {"checkpoint_dir": str(Path("saved") / "leaderboard" / spec["dataset"]), "show_progress": False,
                    **(config_dict or {})}
-    header = [f"Machine: {machine_description()}.",
+    header = [f"Machine: {machine_description()}." if train else
+              "Machines (as each cell recorded them): {machines}.",
               f"Seeds: {', '.join(map(str, spec['seeds']))}; each model tuned over at most {spec['max_trials']} points "
               f"on seed {spec['seeds'][0]}'s validation score, then its best point trained on every seed; test metrics "
               f"of the best-validation checkpoint, mean ± sample std over seeds. Significance: {spec['metric']} per "
               f"test user against {spec['reference']}, paired by user and seed, pooled over seeds.",
               f"Config files: {' '.join(spec['config_files']) or 'none'}; overrides: {' '.join(cmd_args) or 'none'}. "
               "converged = runs that early-stopped before their epoch cap."]
-    outcomes = {}
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        futures = {pool.submit(run_model, store, spec, model, config_dict, cmd_args, log, timeout, isolate): model
-                   for model in models}
-        for future in as_completed(futures):
-            outcomes[futures[future]] = future.result()
+    with output_lock(output, "a leaderboard run"):
+        store = ResultsStore(output)
+        quiet = lambda message: None  # noqa: E731
+        outcomes = {model: outcome for model in spec["models"] if model not in models
+                    for outcome in [run_model(store, spec, model, config_dict, cmd_args, quiet, train=False)]
+                    if outcome is not None}
+
+        def write(trained):
             ordered = {model: outcomes[model] for model in spec["models"] if model in outcomes}
-            write_outputs(output, spec, ordered, header + [f"Written {time.strftime('%Y-%m-%d %H:%M')}; models done: "
-                                                           f"{len(outcomes)}/{len(models)}."])
-            log(f"[leaderboard] {futures[future]} done; wrote {output / 'table.md'}")
-    return outcomes
+            write_outputs(output, spec, ordered, [line.format(machines=_machines(ordered)) for line in header]
+                          + [f"Written {time.strftime('%Y-%m-%d %H:%M')}. {_completeness(spec, ordered)}"])
+            log(f"[leaderboard] {trained} done; wrote {output / 'table.md'}")
+
+        if not models:
+            write("report from the store")
+        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            futures = {pool.submit(run_model, store, spec, model, config_dict, cmd_args, log, timeout, isolate): model
+                       for model in models}
+            for future in as_completed(futures):
+                outcomes[futures[future]] = future.result()
+                write(futures[future])
+    return {model: outcomes[model] for model in models} if train else outcomes
+
+
+def _machines(outcomes):
+    return "; ".join(sorted({record.get("machine", "not recorded").split(", load average")[0]
+                             for outcome in outcomes.values() for record in outcome["finals"]})) or "none"
+
+
+def _completeness(spec, outcomes):
+    """Which rows are short of the spec: a table built while cells are still missing says so."""
+    absent = [model for model in spec["models"] if model not in outcomes]
+    short = [f"{model} ({len(outcome['finals'])} of {len(spec['seeds'])} seeds)" for model, outcome in outcomes.items()
+             if len(outcome["finals"]) < len(spec["seeds"])]
+    if not absent and not short:
+        return "Complete: every model of the spec on every seed."
+    return ("INCOMPLETE: " + "; ".join(part for part in (
+        f"not tuned yet: {', '.join(absent)}" if absent else "",
+        f"seeds still missing: {', '.join(short)}" if short else "") if part) + ".")
 
 
 def _exit_on_sigterm(signum, frame):
@@ -273,11 +316,14 @@ def main(argv=None):
     parser.add_argument("--models", nargs="+", default=None, help="a subset of the spec's models")
     parser.add_argument("--jobs", type=int, default=1, help="models trained at once")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per cell")
+    parser.add_argument("--report", action="store_true",
+                        help="train nothing: write the tables from the cells already in the store")
     args, overrides = parser.parse_known_args(argv)
     try:
         spec = load_spec(args.spec)
         output = args.output or Path("benchmarks") / "results" / "leaderboard" / spec["dataset"]
-        outcomes = run_leaderboard(spec, output, args.models, cmd_args=overrides, jobs=args.jobs, timeout=args.timeout)
+        outcomes = run_leaderboard(spec, output, args.models, cmd_args=overrides, jobs=args.jobs, timeout=args.timeout,
+                                   train=not args.report)
     except RecboleMMError as error:
         print(f"recbole-mm: error: {error}", file=sys.stderr)
         return 2
