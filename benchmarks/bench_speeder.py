@@ -3,6 +3,8 @@
     python benchmarks/bench_speeder.py efficiency [--lengths 5 10 20 40] [--batch 16] [--repeats 3]
         [--llm_hidden_size 256 --llm_num_layers 4 --llm_num_heads 4]
     python benchmarks/bench_speeder.py accuracy [--stage_epochs 1 1 2] [--sasrec_epochs 30] [--n_users 1000]
+    python benchmarks/bench_speeder.py learnability [--task copy|next] [--steps 1500] [--learning_rate 1e-3]
+        [--config '{"candidate_slot_identity": true}']
 
 efficiency: on ONE backbone (a Llama built from the given sizes, random weights: timings do not
 depend on weights) and one word-level tokenizer covering both prompt styles, per history length n
@@ -18,6 +20,15 @@ accuracy: full Scientific (benchmark split), candidate protocol (5 candidates fi
 Speeder (CPU default: small untrained Llama, three MPO stages) against SASRec and MMSASRec ranked on
 the same candidate sets (``with_candidate_protocol``); HR@1 / ValidRatio / VHR@1 on test, and
 Speeder's free-generation ValidRatio.
+
+learnability: can the backbone learn to point at a candidate at all? Full Scientific, the last MPO
+stage's parameters (text + image, no ID features, no PPT, histories cut to 20 items) trained with
+Adam on batches of the training split; every ``--every`` steps the HR@1 of the first 512 validation
+rows' fixed candidate sets (5 candidates, chance 0.2). ``--task copy`` replaces every target
+(training and probe) by the history's last item, so the right answer is the candidate identical to
+the most recent history item; ``--task next`` is the real next item. The probe also prints a
+parameter-free heuristic on the same sets: the candidate whose centred feature is most
+cosine-similar to the last history item's.
 """
 import argparse
 import os
@@ -225,6 +236,73 @@ def accuracy(args):
         print(f"| {name} | {mode} | {result['hr@1']:.4f} | {result['validratio']:.4f} | {result['vhr@1']:.4f} | {seconds:.0f} |")
 
 
+def learnability(args):
+    import json
+
+    config_dict = {"show_progress": False, "MAX_ITEM_LIST_LENGTH": 20, "ppt_rate": 0.0, "id_features": "none",
+                   "stage_modalities": [["text", "image"]], "stage_epochs": [1], "checkpoint_dir": args.checkpoint_dir,
+                   **json.loads(args.config)}
+    config, (train, valid, _), model, _ = build("Speeder", "Scientific", config_dict=config_dict)
+    model.enter_stage(model.training_stages()[-1])
+    probe = []
+    for batch in valid:
+        probe.append(batch[0])
+        if sum(len(rows) for rows in probe) >= 512:
+            break
+
+    def with_task(interaction):
+        if args.task == "copy":
+            history, length = interaction[model.ITEM_SEQ], interaction[model.ITEM_SEQ_LEN]
+            interaction[model.POS_ITEM_ID] = history[torch.arange(len(history)), length - 1]
+        return interaction
+
+    def probe_hr1(score):
+        hits = rows = 0
+        with torch.no_grad():
+            for interaction in probe:
+                interaction = with_task(interaction)
+                candidates, slots = model.evaluation_candidates(interaction)
+                hits += int((score(interaction, candidates).argmax(dim=1) == slots).sum())
+                rows += len(slots)
+        return hits / rows
+
+    for modality in ("text", "image"):
+        table = model.feature_table(modality)
+        table = F.normalize(table - table[1:].mean(dim=0), dim=-1)
+
+        def nearest_to_last(interaction, candidates, table=table):
+            history, length = interaction[model.ITEM_SEQ], interaction[model.ITEM_SEQ_LEN]
+            last = history[torch.arange(len(history)), length - 1]
+            return (table[candidates] * table[last].unsqueeze(1)).sum(dim=-1)
+
+        print(f"heuristic: candidate nearest to the last history item ({modality}, centred cosine): "
+              f"HR@1 {probe_hr1(nearest_to_last):.3f}", flush=True)
+
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate)
+    print(f"task {args.task}, lr {args.learning_rate}, config {args.config}; machine: {machine_description()}")
+    print("| step | train loss (mean since last row) | probe HR@1 | s |")
+    print("|---|---|---|---|")
+    model.eval()
+    print(f"| 0 | - | {probe_hr1(model.candidate_scores):.3f} | 0 |", flush=True)
+    step, losses, start = 0, [], time.perf_counter()
+    while step < args.steps:
+        for interaction in train:
+            model.train()
+            loss = model.calculate_loss(with_task(interaction))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            step += 1
+            losses.append(loss.item())
+            if step % args.every == 0 or step == args.steps:
+                model.eval()
+                print(f"| {step} | {statistics.mean(losses):.3f} | {probe_hr1(model.candidate_scores):.3f} | "
+                      f"{time.perf_counter() - start:.0f} |", flush=True)
+                losses = []
+            if step >= args.steps:
+                break
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -242,11 +320,18 @@ def main():
     acc.add_argument("--id_sasrec_epochs", type=int, default=5)
     acc.add_argument("--n_users", type=int, default=0, help="use only the first n users (0 = all)")
     acc.add_argument("--checkpoint_dir", default=os.path.join(tempfile.gettempdir(), "bench_speeder_saved"))
+    learn = sub.add_parser("learnability")
+    learn.add_argument("--task", choices=["copy", "next"], default="copy")
+    learn.add_argument("--steps", type=int, default=1500)
+    learn.add_argument("--every", type=int, default=250)
+    learn.add_argument("--learning_rate", type=float, default=1e-3)
+    learn.add_argument("--config", default="{}", help="JSON config overrides, e.g. '{\"llm_num_layers\": 4}'")
+    learn.add_argument("--checkpoint_dir", default=os.path.join(tempfile.gettempdir(), "bench_speeder_saved"))
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1 on a shared machine: oversubscribed OpenMP threads spin)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    efficiency(args) if args.command == "efficiency" else accuracy(args)
+    {"efficiency": efficiency, "accuracy": accuracy, "learnability": learnability}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from tests.conftest import scientific_slice_config, write_scientific_slice
 TINY = dict(
     llm_hidden_size=16, llm_num_layers=1, llm_num_heads=2, mome_hidden_size=8, mome_inner_size=16,
     mome_dropout=0.0, train_batch_size=64, eval_batch_size=128, stage_epochs=[1, 1, 1], warmup_steps=0,
+    answer_head="label",  # the paper's head; the pointer head has its own tests
     id_sasrec={"hidden_size": 8, "inner_size": 16, "n_layers": 1, "n_heads": 1, "epochs": 1,
                "learning_rate": 0.001, "train_batch_size": 256},
 )
@@ -309,6 +310,67 @@ def test_lora_stages_train_only_adapters_of_the_llm(workdir):
             assert parameter.requires_grad == is_lora and (parameter.grad is not None) == is_lora, (stage.name, name)
 
 
+def test_pointer_head_scores_each_slot_from_its_own_state(workdir):
+    _, (train_data, _, _), model, _ = build("Speeder", "SciSlice", config_dict=speeder_config(
+        workdir, answer_head="pointer"))
+    model.eval()
+    torch.nn.init.normal_(model.pointer.weight, std=0.3)  # not the identity, so W's orientation is checked
+    batch = first_batch(train_data)
+    histories, lengths = batch[model.ITEM_SEQ][:6], batch[model.ITEM_SEQ_LEN][:6]
+    candidates, _ = model.candidate_sampler.training_candidates(histories, batch[model.POS_ITEM_ID][:6])
+    rows, items, mask = model._assemble(histories, lengths, candidates, "recommend")
+    with torch.no_grad():
+        scores = model.candidate_scores({model.ITEM_SEQ: histories, model.ITEM_SEQ_LEN: lengths}, candidates)
+        for b, row in enumerate(rows):  # one unpadded prompt at a time, its slots found by scanning its tokens
+            embeds = model.llm.build_inputs_embeds(torch.tensor([row]), items[b : b + 1, mask[b]])
+            states = model.llm.decoder(inputs_embeds=embeds).last_hidden_state[0]
+            placeholders = [t for t, token in enumerate(row) if token == model.prompt.placeholder]
+            answer = model.pointer.weight @ states[-1]
+            for j, position in enumerate(placeholders[-candidates.shape[1]:]):
+                expected = float(states[position] @ answer) / model.llm.hidden_size ** 0.5
+                assert float(scores[b, j]) == pytest.approx(expected, rel=1e-4, abs=1e-5)
+
+
+def test_pointer_loss_is_cross_entropy_over_the_slots_and_the_head_defaults(workdir):
+    import numpy as np
+
+    from recbole_mm.utils import RecboleMMError
+
+    _, (train_data, _, _), model, _ = build("Speeder", "SciSlice", config_dict=speeder_config(
+        workdir, answer_head="pointer", ppt_rate=0.0))
+    model.eval()
+    batch = first_batch(train_data)
+    model.candidate_sampler.training_rng = np.random.default_rng(1)
+    loss = model.calculate_loss(batch)
+    model.candidate_sampler.training_rng = np.random.default_rng(1)  # the same training candidates
+    candidates, slots = model.candidate_sampler.training_candidates(batch[model.ITEM_SEQ], batch[model.POS_ITEM_ID])
+    scores = model.candidate_scores(batch, candidates)
+    expected = -torch.log_softmax(scores, dim=1)[torch.arange(len(slots)), slots].mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    loss.backward()
+    assert model.pointer.weight.grad is not None and model.pointer.weight.grad.abs().sum() > 0
+    # answer_head ~: the pointer without llm_path (the CPU default), the paper's label head with one
+    assert build("Speeder", "SciSlice", config_dict=speeder_config(workdir, answer_head=None))[2].answer_head == "pointer"
+    with pytest.raises(RecboleMMError, match="answer_head: pointer names exactly one candidate"):
+        build("Speeder", "SciSlice", config_dict=speeder_config(workdir, answer_head="pointer", inference="generate"))
+
+
+def test_feature_centring_against_numpy(workdir, built):
+    import numpy as np
+
+    _, _, model, _ = build("Speeder", "SciSlice", config_dict=speeder_config(workdir, feature_centring=True))
+    plain = built[2]
+    for modality in ("text", "image", "id"):
+        raw = plain.feature_table(modality).numpy().astype(np.float64)
+        present = plain.feature_mask(modality).numpy()
+        expected = np.zeros_like(raw)
+        centred = raw[present] - raw[present].mean(axis=0)
+        expected[present] = centred / np.sqrt((centred ** 2).mean())
+        np.testing.assert_allclose(model.feature_table(modality).numpy(), expected, rtol=1e-4, atol=1e-5)
+        assert torch.equal(model.feature_mask(modality), plain.feature_mask(modality))
+    assert not torch.equal(model.feature_table("text"), plain.feature_table("text"))  # the plain model is untouched
+
+
 def test_candidate_slot_identity_adds_each_label_embedding_to_its_slot(workdir):
     _, (train_data, _, _), model, _ = build("Speeder", "SciSlice", config_dict=speeder_config(
         workdir, candidate_slot_identity=True))
@@ -346,7 +408,8 @@ def test_speeder_trains_a_step_on_a_pretrained_local_checkpoint(workdir):
     from tests.test_llm import minilm_path
 
     _, (train_data, valid_data, _), model, _ = build("Speeder", "SciSlice", config_dict=speeder_config(
-        workdir, llm_path=minilm_path(), lora_target_modules=["query", "value"], lora_rank=2))
+        workdir, llm_path=minilm_path(), lora_target_modules=["query", "value"], lora_rank=2, answer_head=None))
+    assert model.answer_head == "label"  # answer_head ~ with a checkpoint: the paper's head
     assert model.llm.hidden_size == 384 and model.position_prompt.shape[1] == 384
     assert model.prompt.bos == [model.llm.tokenizer.cls_token_id] and model.prompt.eos == model.llm.tokenizer.sep_token_id
     loss = model.calculate_loss(first_batch(train_data))

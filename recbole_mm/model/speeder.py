@@ -46,6 +46,7 @@ from recbole_mm.utils.atomic import torch_save_atomic
 
 ID_MODALITY = "id"
 INFERENCE_MODES = ("constrained", "generate")
+ANSWER_HEADS = ("label", "pointer")
 ID_FEATURE_SOURCES = ("sasrec", "table", "none")
 
 register_candidate_metrics()
@@ -174,6 +175,14 @@ class Speeder(MultimodalSequentialRecommender):
         self.max_new_tokens = int(config["max_new_tokens"])
         if self.inference not in INFERENCE_MODES:
             raise RecboleMMError(f"inference: {self.inference!r}; choose one of {', '.join(INFERENCE_MODES)}.")
+        self.answer_head = config["answer_head"] or ("label" if config["llm_path"] else "pointer")
+        if self.answer_head not in ANSWER_HEADS:
+            raise RecboleMMError(f"answer_head: {self.answer_head!r}; choose one of {', '.join(ANSWER_HEADS)}.")
+        if self.answer_head == "pointer" and self.inference == "generate":
+            raise RecboleMMError(
+                "answer_head: pointer names exactly one candidate by construction, so free generation (and "
+                "ValidRatio) mean nothing: use inference: constrained, or answer_head: label to generate."
+            )
         labels = list(config["candidate_labels"])
         if len(labels) < self.num_candidates:
             raise RecboleMMError(
@@ -185,6 +194,9 @@ class Speeder(MultimodalSequentialRecommender):
 
         input_sizes = {name: self.feature_dims[name] for name in self.modalities}
         self._setup_id_features(config, dataset, input_sizes)
+        if config["feature_centring"]:
+            for modality in input_sizes:
+                self._centre_feature_table(modality)
         self.available_modalities = list(input_sizes)
         self.stage_modalities, self.stage_epochs = self._read_stages(config)
         self.active_modalities = list(self.stage_modalities[-1])
@@ -205,6 +217,9 @@ class Speeder(MultimodalSequentialRecommender):
         )
         # PPL (eq. 15): n_max = the longest history a prompt can hold.
         self.position_prompt = nn.Parameter(torch.randn(self.max_seq_length, llm_hidden) * config["ppl_init_std"])
+        if self.answer_head == "pointer":
+            self.pointer = nn.Linear(llm_hidden, llm_hidden, bias=False)
+            nn.init.eye_(self.pointer.weight)  # starts as plain state similarity
         self.llm_trainable_names = {n for n, p in self.llm.named_parameters() if p.requires_grad}
 
     # ------------------------------------------------------------------ configuration
@@ -228,6 +243,16 @@ class Speeder(MultimodalSequentialRecommender):
             mask[0] = False
             self.register_feature_table(ID_MODALITY, table, mask)
             input_sizes[ID_MODALITY] = table.shape[1]
+
+    def _centre_feature_table(self, modality):
+        """Frozen encoder features share a large common direction (item tokens start nearly parallel):
+        subtract the mean over the items that have the modality and scale to unit RMS per entry,
+        so the compressor starts from what tells items apart. Items without the modality stay zero."""
+        table, mask = self.feature_table(modality), self.feature_mask(modality)
+        centred = table[mask] - table[mask].mean(dim=0)
+        scaled = torch.zeros_like(table)
+        scaled[mask] = centred / centred.pow(2).mean().sqrt().clamp_min(1e-12)
+        self.register_feature_table(modality, scaled, mask)
 
     def _read_stages(self, config):
         stages = [list(m) for m in config["stage_modalities"]]
@@ -258,6 +283,8 @@ class Speeder(MultimodalSequentialRecommender):
         modalities also trains the shared MHSA / multimodal expert; the experts, adapters and gates of
         modalities outside the stage stay frozen (stage 2: sequential expert and A_s)."""
         params = [self.position_prompt, *self.compressor.output_adapter.parameters()]
+        if self.answer_head == "pointer":
+            params += list(self.pointer.parameters())
         params += [p for n, p in self.llm.named_parameters() if n in self.llm_trainable_names]
         for modality in modalities:
             params += self.compressor.modality_parameters(modality)
@@ -318,14 +345,34 @@ class Speeder(MultimodalSequentialRecommender):
         logits = self.llm.lm_head(picked.to(self.llm.lm_head.weight.dtype)).float()
         return F.cross_entropy(logits.flatten(0, 1), answer_tokens.flatten())
 
+    def _pointer_logits(self, rows, item_embeddings, item_mask, n_candidates):
+        """Label logits (B, m) of ``answer_head: pointer``: label j's output row is candidate slot j's
+        final state (times W, identity at init), not a fixed LM-head row: the answer needs no attention
+        hop to the right slot and no copy of its label, the circuit an untrained backbone does not find
+        on a CPU budget (docs/models/Speeder.md). Scaled by 1/sqrt(hidden size) as attention scores."""
+        input_ids, attention_mask = pad_rows(rows, self.prompt.pad, item_embeddings.device)
+        states = self.llm.hidden_states(self.llm.build_inputs_embeds(input_ids, item_embeddings, item_mask),
+                                        attention_mask)
+        batch = torch.arange(len(rows), device=states.device)
+        answer = self.pointer(states[batch, attention_mask.sum(dim=1) - 1])
+        placeholders = input_ids == self.prompt.placeholder
+        from_the_end = placeholders.flip(1).cumsum(dim=1).flip(1)  # the candidates are the last m slots
+        slot_positions = torch.stack(
+            [(placeholders & (from_the_end == n_candidates - j)).int().argmax(dim=1) for j in range(n_candidates)], dim=1)
+        slots = states[batch.unsqueeze(1), slot_positions]
+        return (slots * answer.unsqueeze(1)).sum(dim=-1).float() / states.shape[-1] ** 0.5
+
     # ------------------------------------------------------------------ RecBole API
     def calculate_loss(self, interaction):
         histories, lengths = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
         targets = interaction[self.POS_ITEM_ID]
         candidates, slots = self.candidate_sampler.training_candidates(histories, targets)
         rows, items, mask = self._assemble(histories, lengths, candidates, "recommend")
-        label_ids = torch.tensor(self.prompt.label_ids, device=slots.device)[slots]
-        loss = self._answer_loss(rows, items, mask, label_ids)
+        if self.answer_head == "pointer":
+            loss = F.cross_entropy(self._pointer_logits(rows, items, mask, candidates.shape[1]), slots)
+        else:
+            label_ids = torch.tensor(self.prompt.label_ids, device=slots.device)[slots]
+            loss = self._answer_loss(rows, items, mask, label_ids)
         if self.ppt_rate > 0:
             chosen = torch.from_numpy(self.ppt_rng.random(len(targets)) < self.ppt_rate).to(histories.device)
             ppt_rows, triples, labels = position_proxy_batch(histories[chosen], self.ppt_rng)
@@ -343,9 +390,12 @@ class Speeder(MultimodalSequentialRecommender):
         )
 
     def candidate_scores(self, interaction, candidates):
-        """Constrained scoring: next-token logits of the m candidate labels after the prompt, (B, m)."""
+        """Constrained scoring: next-token logits of the m candidate labels after the prompt, (B, m)
+        (the pointer head's label logits with ``answer_head: pointer``)."""
         histories, lengths = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
         rows, items, mask = self._assemble(histories, lengths, candidates, "recommend")
+        if self.answer_head == "pointer":
+            return self._pointer_logits(rows, items, mask, candidates.shape[1])
         logits = self.llm.next_token_logits(*self._inputs(rows, items, mask))
         label_ids = torch.tensor(self.prompt.label_ids[: candidates.shape[1]], device=logits.device)
         return logits[:, label_ids].float()
