@@ -366,3 +366,44 @@ def test_tokenizer_optimiser_is_adamw_with_the_given_weight_decay():
         g = grads[name]
         expected = before[name] * (1 - lr * wd) - lr * g / (g.abs() + eps)
         torch.testing.assert_close(p.detach(), expected, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_dead_codes_move_onto_residuals_level_by_level():
+    torch.manual_seed(0)
+    quantizer = random_quantizer(n_levels=2, codebook_size=6, dim=3)
+    z = torch.randn(20, 3, dtype=torch.float64)
+    with torch.no_grad():
+        quantizer.codebooks[0, 2:] += 1e3  # four level-1 codes no row can pick
+        quantizer.codebooks[1, 3:] -= 1e3  # at least three level-2 codes no row can pick
+    before = quantizer.codebooks.detach().clone()
+    moved = quantizer.reseed_dead_codes(z, torch.Generator().manual_seed(0))
+    after = quantizer.codebooks.detach()
+    # level 1: exactly the four unreachable codes moved, each onto a row of z; level 2: the codes that
+    # no residual left by level 1's NEW codebook picks (found by scanning, brute_force_rq), each moved
+    # onto one of those residuals
+    _, level1_residuals = brute_force_rq(z, after[:1])
+    level2_codes, _ = brute_force_rq(level1_residuals, before[1:2])
+    dead = {0: set(range(2, 6)), 1: set(range(6)) - set(level2_codes[:, 0].tolist())}
+    assert moved == [4, len(dead[1])] and len(dead[1]) >= 3
+    for level, points in ((0, z), (1, level1_residuals)):
+        for j in range(6):
+            if j in dead[level]:
+                assert min(float((after[level, j] - point).abs().max()) for point in points) < 1e-12
+            else:
+                assert torch.equal(after[level, j], before[level, j])
+    codes, _ = brute_force_rq(z, after)
+    assert len(set(codes[:, 0].tolist())) == 6  # a moved code is the nearest code of the row it sits on
+
+
+def test_tokenizer_training_reseeds_only_when_asked():
+    features, present = synthetic_modalities()
+    runs = {}
+    for reseed in (False, True):
+        torch.manual_seed(0)
+        model = MultimodalRQVAE({k: v.shape[1] for k, v in features.items()}, [16], 8, n_levels=2,
+                                codebook_size=16, anchor="collab")
+        runs[reseed] = train_multimodal_rqvae(model, features, present, epochs=3, batch_size=64,
+                                              learning_rate=3e-3, reseed_dead_codes=reseed)
+    assert not any(key.startswith("reseeded_") for epoch in runs[False] for key in epoch)
+    assert {"reseeded_collab", "reseeded_text", "reseeded_image"} <= set(runs[True][0])
+    assert "reseeded_text" not in runs[True][-1]  # the last epoch's codes are the final ones

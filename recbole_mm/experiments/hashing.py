@@ -34,6 +34,9 @@ BEHAVIOUR_PRESERVING_DEFAULTS = {
     "optimizer_eps": None,
     "recipe": None,
     "timestamps_are_order": False,
+    "rqvae_reseed_dead_codes": False,
+    "feature_centring": False,
+    "answer_head": "label",
 }
 
 _file_digests = {}  # (path, size, mtime_ns) -> sha256: a table run hashes each dataset file once

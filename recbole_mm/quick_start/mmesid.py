@@ -48,7 +48,7 @@ RQVAE_KEYS = (
     "rqvae_recon_weight", "rqvae_align_weight", "rqvae_rq_weight", "rqvae_commitment", "rqvae_temperature",
     "rqvae_bandwidth_scale", "rqvae_epochs", "rqvae_batch_size", "rqvae_learning_rate", "rqvae_weight_decay",
     "rqvae_kmeans_iters", "rqvae_codebook_init", "rqvae_sinkhorn_epsilons", "rqvae_sinkhorn_iters",
-    "rqvae_rq_reduction", "rqvae_commitment_path",
+    "rqvae_rq_reduction", "rqvae_commitment_path", "rqvae_reseed_dead_codes",
 )
 
 
@@ -161,7 +161,7 @@ def tokenizer_stage(config, cache_dir, collab_path, logger=None):
     history = train_multimodal_rqvae(
         model, features, present, epochs=int(config["rqvae_epochs"]), batch_size=int(config["rqvae_batch_size"]),
         learning_rate=float(config["rqvae_learning_rate"]), weight_decay=float(config["rqvae_weight_decay"]),
-        seed=int(config["seed"]),
+        seed=int(config["seed"]), reseed_dead_codes=bool(config["rqvae_reseed_dead_codes"]),
         log=logger.info if config["show_progress"] else None,
     )
     codes, quantized, stats = {}, {}, {}

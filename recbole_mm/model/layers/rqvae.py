@@ -219,6 +219,29 @@ class ResidualQuantizer(nn.Module):
             return balanced_code_indices(residual.detach(), codebook, epsilon, self.sinkhorn_iters)
         return nearest_code_indices(residual.detach(), codebook)
 
+    @torch.no_grad()
+    def reseed_dead_codes(self, z, generator: Optional[torch.Generator] = None):
+        """Move every code that no row of ``z`` picks (nearest code) onto one of that level's residuals,
+        drawn with probability proportional to its squared quantisation error (the worst-served rows
+        first), level by level; later levels see the residuals the re-seeded codes leave. Returns the
+        number of codes moved per level."""
+        residual = z.detach().to(self.codebooks.dtype)
+        moved = []
+        for level in range(self.n_levels):
+            codebook = self.codebooks.data[level]
+            index = nearest_code_indices(residual, codebook)
+            dead = torch.nonzero(torch.bincount(index, minlength=self.codebook_size) == 0).squeeze(1)
+            if len(dead):
+                error = (residual - codebook[index]).pow(2).sum(dim=-1)
+                weights = error if float(error.sum()) > 0 else torch.ones_like(error)
+                rows = torch.multinomial(weights.cpu(), len(dead), replacement=len(dead) > len(weights),
+                                         generator=generator).to(residual.device)
+                codebook[dead] = residual[rows]
+                index = nearest_code_indices(residual, codebook)
+            moved.append(len(dead))
+            residual = residual - codebook[index]
+        return moved
+
     def decode_codes(self, codes):
         """ẑ = Σ_l CE^l_{SID^l} for codes (..., L)."""
         levels = torch.arange(self.n_levels, device=codes.device)
@@ -431,13 +454,26 @@ class MultimodalRQVAE(nn.Module):
     def codebooks(self) -> Dict[str, torch.Tensor]:
         return {name: rqvae.quantizer.codebooks.detach().clone() for name, rqvae in self.rqvaes.items()}
 
+    @torch.no_grad()
+    def reseed_dead_codes(self, features, present, generator=None, batch_size: int = 4096):
+        """Every modality's ``ResidualQuantizer.reseed_dead_codes`` over the latents of all its items."""
+        moved = {}
+        for name, rqvae in self.rqvaes.items():
+            rows = features[name][present[name]]
+            z = torch.cat([rqvae.encoder(rows[start : start + batch_size]) for start in range(0, len(rows), batch_size)])
+            moved[name] = rqvae.quantizer.reseed_dead_codes(z, generator)
+        return moved
+
 
 def train_multimodal_rqvae(model: MultimodalRQVAE, features: Dict[str, torch.Tensor],
                            present: Dict[str, torch.Tensor], epochs: int, batch_size: int,
-                           learning_rate: float, weight_decay: float = 0.01, seed: int = 0, log=None):
+                           learning_rate: float, weight_decay: float = 0.01, seed: int = 0, log=None,
+                           reseed_dead_codes: bool = False):
     """Mini-batch training over items (Alg. 1 lines 3–9) with AdamW (``learning_rate``,
     ``weight_decay``; the authors' script: 2e-4, 1e-4). The first batch initialises the codebooks.
-    Returns the per-epoch mean loss parts."""
+    ``reseed_dead_codes``: after every epoch but the last, codes no item uses are moved onto items'
+    residuals (``MultimodalRQVAE.reseed_dead_codes``; neither the paper nor the authors do this).
+    Returns the per-epoch mean loss parts (with ``reseeded_<modality>``: codes moved, all levels)."""
     n_items = len(next(iter(features.values())))
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
@@ -458,6 +494,9 @@ def train_multimodal_rqvae(model: MultimodalRQVAE, features: Dict[str, torch.Ten
             sums["loss"] += loss.item()
             batches += 1
         history.append({k: v / batches for k, v in sums.items()})
+        if reseed_dead_codes and epoch < epochs - 1:
+            moved = model.reseed_dead_codes(features, present, generator)
+            history[-1].update({f"reseeded_{name}": float(sum(counts)) for name, counts in moved.items()})
         if log is not None:
             log(f"MM-RQ-VAE epoch {epoch}: " + ", ".join(f"{k}={v:.4f}" for k, v in history[-1].items()))
     return history
