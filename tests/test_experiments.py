@@ -104,17 +104,27 @@ def test_cell_hash_follows_the_dataset_files_not_their_folder(scientific_dir, tm
 
 
 def _spawned_children(pid):
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    # every thread's children: the leaderboard spawns its cells from worker threads
+    children = [c for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
     return [int(c) for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads the process tree from /proc")
-def test_stopping_the_runner_stops_the_cell_it_is_training(slice_config, tmp_path, in_tmp_cwd):
+@pytest.mark.parametrize("command", ["table", "leaderboard"])
+def test_stopping_the_runner_stops_the_cell_it_is_training(slice_config, tmp_path, in_tmp_cwd, command):
     config_file = tmp_path / "endless.yaml"
     config_file.write_text(yaml.safe_dump({**slice_config, "epochs": 100000, "stopping_step": 100000}))
-    runner = subprocess.Popen([sys.executable, "-m", "recbole_mm.experiments", "table", "--models", "SASRec",
-                               "--datasets", "SciSlice", "--config_files", str(config_file),
-                               "--output", str(tmp_path / "out")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if command == "table":
+        arguments = ["recbole_mm.experiments", "table", "--models", "SASRec", "--datasets", "SciSlice",
+                     "--config_files", str(config_file)]
+    else:  # its cells train in worker threads, which the signal does not reach
+        spec = tmp_path / "spec.yaml"
+        spec.write_text(yaml.safe_dump({"dataset": "SciSlice", "reference": "SASRec", "metric": "ndcg@10",
+                                        "seeds": [2020, 2021], "config_files": [str(config_file)],
+                                        "models": {"SASRec": {}}}))
+        arguments = ["recbole_mm.experiments.leaderboard", "--spec", str(spec)]
+    runner = subprocess.Popen([sys.executable, "-m", *arguments, "--output", str(tmp_path / "out")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     cells = []
     try:
         deadline = time.monotonic() + 120
@@ -126,6 +136,7 @@ def test_stopping_the_runner_stops_the_cell_it_is_training(slice_config, tmp_pat
         assert runner.wait(timeout=60) == 128 + signal.SIGTERM
         time.sleep(1)
         assert not Path(f"/proc/{cells[0]}").exists(), "the cell's process outlived the runner"
+        assert not list((tmp_path / "out" / "cells").glob("*.json"))  # an interrupted cell is no result
     finally:
         runner.kill()
         for pid in cells:

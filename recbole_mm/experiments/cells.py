@@ -79,6 +79,8 @@ def run_cell(store, model, dataset, seed, config_file_list, config_dict, cmd_arg
                                                      per_user=per_user)}
         except Exception as error:
             result = {"status": "failed", "error": f"{type(error).__name__}: {error}"}
+    if result["status"] == "interrupted":  # not a result: the next run trains this cell
+        return {**record, **result}
     record.update(result, model=model, dataset=dataset, seed=seed, wall_seconds=time.perf_counter() - start,
                   machine=machine_description(), finished_at=time.strftime("%Y-%m-%d %H:%M:%S"),
                   peak_memory_scope="own process" if isolate else "whole runner process so far",

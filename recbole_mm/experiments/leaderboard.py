@@ -48,7 +48,7 @@ from pathlib import Path
 import yaml
 
 from recbole_mm.experiments.cells import run_cell
-from recbole_mm.experiments.measure import machine_description
+from recbole_mm.experiments.measure import interrupt_fresh_process_runs, machine_description
 from recbole_mm.experiments.significance import compare
 from recbole_mm.experiments.store import ResultsStore
 from recbole_mm.utils import RecboleMMError
@@ -304,7 +304,9 @@ def _completeness(spec, outcomes):
 
 
 def _exit_on_sigterm(signum, frame):
-    raise SystemExit(128 + signum)  # unwinds through the cells, which kill their training processes
+    # the cells train in worker threads, which a signal does not unwind: kill their processes here
+    interrupt_fresh_process_runs()
+    raise SystemExit(128 + signum)
 
 
 def main(argv=None):

@@ -9,6 +9,7 @@ import os
 import platform
 import queue as queue_module
 import resource
+import threading
 import time
 import traceback
 
@@ -87,20 +88,41 @@ def _measured_run_worker(kwargs, queue):
                    "traceback": traceback.format_exc()})
 
 
+# Cell processes running now, for a runner whose cells run in worker threads: a signal reaches only the
+# main thread, so the unwinding that kills a cell's process in the main thread never happens in theirs.
+_live_processes = set()
+_live_lock = threading.Lock()
+_interrupted = threading.Event()
+
+
+def interrupt_fresh_process_runs():
+    """Kill every running ``measured_run_in_fresh_process`` child and refuse to start new ones; their
+    callers get ``{"status": "interrupted"}`` (a runner's SIGTERM handler calls this)."""
+    _interrupted.set()
+    with _live_lock:
+        for process in list(_live_processes):
+            process.kill()
+
+
 def measured_run_in_fresh_process(model, dataset, config_file_list=None, config_dict=None, cmd_args=(),
                                   saved=True, timeout=None, per_user=False):
     """``measured_run`` in a spawned process (its own peak RSS; a crash cannot take the caller down).
 
     Never raises for a failed run: returns ``{"status": "failed", "error": ...}`` instead, also when
-    the process dies without reporting (killed, out of memory) or exceeds ``timeout`` seconds.
+    the process dies without reporting (killed, out of memory) or exceeds ``timeout`` seconds;
+    ``{"status": "interrupted"}`` after ``interrupt_fresh_process_runs``.
     """
+    if _interrupted.is_set():
+        return {"status": "interrupted", "error": "the runner is stopping"}
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     kwargs = dict(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict,
                   cmd_args=list(cmd_args), saved=saved, per_user=per_user)
     process = context.Process(target=_measured_run_worker, args=(kwargs, queue))
     start = time.monotonic()
-    process.start()
+    with _live_lock:
+        process.start()
+        _live_processes.add(process)
     result = None
     try:
         while result is None:
@@ -121,4 +143,8 @@ def measured_run_in_fresh_process(model, dataset, config_file_list=None, config_
         if process.is_alive():  # the caller was interrupted: no orphan goes on training
             process.kill()
         process.join()
+        with _live_lock:
+            _live_processes.discard(process)
+    if _interrupted.is_set() and result.get("status") != "ok":
+        return {"status": "interrupted", "error": "the runner is stopping"}
     return result
