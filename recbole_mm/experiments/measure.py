@@ -91,7 +91,7 @@ def _measured_run_worker(kwargs, queue):
 # Cell processes running now, for a runner whose cells run in worker threads: a signal reaches only the
 # main thread, so the unwinding that kills a cell's process in the main thread never happens in theirs.
 _live_processes = set()
-_live_lock = threading.Lock()
+_live_lock = threading.RLock()  # re-entered by a signal handler that interrupts the main thread inside it
 _interrupted = threading.Event()
 
 
@@ -101,7 +101,8 @@ def interrupt_fresh_process_runs():
     _interrupted.set()
     with _live_lock:
         for process in list(_live_processes):
-            process.kill()
+            if process.pid is not None:
+                process.kill()
 
 
 def measured_run_in_fresh_process(model, dataset, config_file_list=None, config_dict=None, cmd_args=(),
@@ -120,11 +121,11 @@ def measured_run_in_fresh_process(model, dataset, config_file_list=None, config_
                   cmd_args=list(cmd_args), saved=saved, per_user=per_user)
     process = context.Process(target=_measured_run_worker, args=(kwargs, queue))
     start = time.monotonic()
-    with _live_lock:
-        process.start()
-        _live_processes.add(process)
     result = None
-    try:
+    try:  # a signal during start() must still reach the finally, or the started child is orphaned
+        with _live_lock:
+            _live_processes.add(process)
+            process.start()
         while result is None:
             try:
                 result = queue.get(timeout=1.0)
@@ -140,9 +141,10 @@ def measured_run_in_fresh_process(model, dataset, config_file_list=None, config_
                     process.kill()
                     result = {"status": "failed", "error": f"timed out after {timeout:.0f} s"}
     finally:
-        if process.is_alive():  # the caller was interrupted: no orphan goes on training
-            process.kill()
-        process.join()
+        if process.pid is not None:
+            if process.is_alive():  # the caller was interrupted: no orphan goes on training
+                process.kill()
+            process.join()
         with _live_lock:
             _live_processes.discard(process)
     if _interrupted.is_set() and result.get("status") != "ok":
