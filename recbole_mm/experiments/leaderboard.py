@@ -254,9 +254,7 @@ def run_leaderboard(spec, output, models=None, config_dict=None, cmd_args=(), jo
         raise RecboleMMError(f"--models {missing} are not in the spec's models {list(spec['models'])}.")
     config_dict = {"checkpoint_dir": str(Path("saved") / "leaderboard" / spec["dataset"]), "show_progress": False,
                    **(config_dict or {})}
-    header = [f"Machine: {machine_description()}." if train else
-              "Machines (as each cell recorded them): {machines}.",
-              f"Seeds: {', '.join(map(str, spec['seeds']))}; each model tuned over at most {spec['max_trials']} points "
+    header = [f"Seeds: {', '.join(map(str, spec['seeds']))}; each model tuned over at most {spec['max_trials']} points "
               f"on seed {spec['seeds'][0]}'s validation score, then its best point trained on every seed; test metrics "
               f"of the best-validation checkpoint, mean ± sample std over seeds. Significance: {spec['metric']} per "
               f"test user against {spec['reference']}, paired by user and seed, pooled over seeds.",
@@ -264,15 +262,19 @@ def run_leaderboard(spec, output, models=None, config_dict=None, cmd_args=(), jo
               "converged = runs that early-stopped before their epoch cap."]
     with output_lock(output, "a leaderboard run"):
         store = ResultsStore(output)
-        quiet = lambda message: None  # noqa: E731
-        outcomes = {model: outcome for model in spec["models"] if model not in models
-                    for outcome in [run_model(store, spec, model, config_dict, cmd_args, quiet, train=False)]
-                    if outcome is not None}
+        outcomes = {}
+        for model in spec["models"]:
+            if model not in models:
+                stored = run_model(store, spec, model, config_dict, cmd_args, lambda message: None, train=False)
+                if stored is not None:
+                    outcomes[model] = stored
 
         def write(trained):
             ordered = {model: outcomes[model] for model in spec["models"] if model in outcomes}
-            write_outputs(output, spec, ordered, [line.format(machines=_machines(ordered)) for line in header]
-                          + [f"Written {time.strftime('%Y-%m-%d %H:%M')}. {_completeness(spec, ordered)}"])
+            machines = (f"Machine: {machine_description()}." if train else
+                        f"Machines (as each cell recorded them): {_machines(ordered)}.")
+            write_outputs(output, spec, ordered, [machines, *header,
+                          f"Written {time.strftime('%Y-%m-%d %H:%M')}. {_completeness(spec, ordered)}"])
             log(f"[leaderboard] {trained} done; wrote {output / 'table.md'}")
 
         if not models:
