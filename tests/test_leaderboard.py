@@ -1,3 +1,4 @@
+import csv
 import math
 import random
 
@@ -10,7 +11,7 @@ from recbole_mm.experiments.leaderboard import load_spec, run_leaderboard, trial
 from recbole_mm.experiments.significance import compare
 from recbole_mm.utils import RecboleMMError
 from recbole_mm.utils.lock import output_lock
-from tests.conftest import write_scientific_slice
+from tests.conftest import PROJECT_ROOT as ROOT, write_scientific_slice
 
 
 def record(seed, users, values):
@@ -60,8 +61,25 @@ def test_spec_errors_name_the_problem(tmp_path):
     path.write_text(yaml.safe_dump({**base, "seed": [1]}))
     with pytest.raises(RecboleMMError, match="unknown keys"):
         load_spec(path)
+    path.write_text(yaml.safe_dump({**base, "tuned_on": "Other", "models": {"SASRec": {"learning_rate": [1, 2]}}}))
+    with pytest.raises(RecboleMMError, match="2 points, but tuned_on='Other'"):
+        load_spec(path)
     assert trial_points({"b": [1, 2], "a": [3]}) == [{"a": 3, "b": 1}, {"a": 3, "b": 2}]
     assert trial_points({}) == [{}]
+
+
+def test_office_trains_the_points_scientific_tuning_chose():
+    """The Office spec says it reuses Scientific's tuning: each point must be the best validation trial
+    in Scientific's committed tuning.csv (read here independently of the runner)."""
+    office = load_spec(ROOT / "benchmarks" / "leaderboard" / "Office.yaml")
+    assert office["tuned_on"] == "Scientific"
+    best = {}
+    with open(ROOT / "benchmarks" / "results" / "leaderboard" / "Scientific" / "tuning.csv", newline="") as handle:
+        for row in csv.DictReader(handle):
+            if row["status"] == "ok" and float(row["valid_score"]) > best.get(row["model"], (-1.0, None))[0]:
+                best[row["model"]] = (float(row["valid_score"]), yaml.safe_load(row["params"]))
+    for model, space in office["models"].items():
+        assert trial_points(space) == [best[model][1]], model
 
 
 def test_leaderboard_tunes_on_valid_trains_seeds_and_resumes(scientific_dir, in_tmp_cwd):

@@ -11,6 +11,8 @@ config files (budget, width, early stopping) and the reference model::
     metric: ndcg@10                  # the significance column's metric (a test metric key)
     seeds: [2020, 2021, 2022]
     max_trials: 4                    # a model's space may not hold more points than this
+    tuned_on: Scientific             # optional: each space is one point, the best found on that dataset's
+                                     # leaderboard; nothing is tuned on this one (the table says so)
     config_files: [benchmarks/leaderboard/budget.yaml]
     model_config_files: {MMM4Rec: [benchmarks/tables/mmm4rec-64.yaml]}   # a model's own settings
     models:
@@ -56,7 +58,7 @@ from recbole_mm.utils.atomic import open_atomic, save_figure_atomic, write_text_
 from recbole_mm.utils.lock import output_lock
 
 SPEC_KEYS = {"dataset", "reference", "metric", "seeds", "max_trials", "config_files", "model_config_files", "models",
-             "description"}
+             "description", "tuned_on"}
 
 
 def load_spec(path):
@@ -82,6 +84,10 @@ def load_spec(path):
         if len(trial_points(space)) > spec["max_trials"]:
             raise RecboleMMError(f"{path}: models.{model} has {len(trial_points(space))} points, more than "
                                  f"max_trials={spec['max_trials']}: every model gets the same tuning budget.")
+        if spec.get("tuned_on") and len(trial_points(space)) != 1:
+            raise RecboleMMError(f"{path}: models.{model} has {len(trial_points(space))} points, but tuned_on="
+                                 f"{spec['tuned_on']!r} says each model trains the one point tuned there: give one "
+                                 "value per key, or drop tuned_on to tune on this dataset.")
     return spec
 
 
@@ -175,7 +181,8 @@ def write_outputs(output, spec, outcomes, header_lines):
     rows = model_rows(spec, outcomes)
     test_keys = sorted({key for row in rows for key in row["test"]})
     metric, reference = spec["metric"], spec["reference"]
-    head = (["model", "best params (tuned on valid)", "valid score"] + [f"test {key}" for key in test_keys]
+    tuned = f"params (tuned on {spec['tuned_on']})" if spec.get("tuned_on") else "best params (tuned on valid)"
+    head = (["model", tuned, "valid score"] + [f"test {key}" for key in test_keys]
             + ["converged", "epochs", "trainable params", f"{metric} vs {reference}", "p (paired t)", "p (Wilcoxon)"])
     lines = [f"# Leaderboard: {spec['dataset']}", "", *header_lines, "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -254,8 +261,11 @@ def run_leaderboard(spec, output, models=None, config_dict=None, cmd_args=(), jo
         raise RecboleMMError(f"--models {missing} are not in the spec's models {list(spec['models'])}.")
     config_dict = {"checkpoint_dir": str(Path("saved") / "leaderboard" / spec["dataset"]), "show_progress": False,
                    **(config_dict or {})}
-    header = [f"Seeds: {', '.join(map(str, spec['seeds']))}; each model tuned over at most {spec['max_trials']} points "
-              f"on seed {spec['seeds'][0]}'s validation score, then its best point trained on every seed; test metrics "
+    tuning = (f"each model trains the point tuned on {spec['tuned_on']} (that leaderboard's best validation point; "
+              f"nothing tuned on {spec['dataset']}) on every seed" if spec.get("tuned_on") else
+              f"each model tuned over at most {spec['max_trials']} points on seed {spec['seeds'][0]}'s validation "
+              "score, then its best point trained on every seed")
+    header = [f"Seeds: {', '.join(map(str, spec['seeds']))}; {tuning}; test metrics "
               f"of the best-validation checkpoint, mean ± sample std over seeds. Significance: {spec['metric']} per "
               f"test user against {spec['reference']}, paired by user and seed, pooled over seeds.",
               f"Config files: {' '.join(spec['config_files']) or 'none'}; overrides: {' '.join(cmd_args) or 'none'}. "
