@@ -155,3 +155,16 @@ def test_hr_at_1_divides_by_the_valid_rows_even_when_one_or_none_is_valid():
     assert VHR(config).calculate_metric(data) == {"vhr@1": round(1 / 3, 4)}
     nothing_valid = collect(torch.full((2, 4), inf), torch.tensor([0, 1]))
     assert HR(config).calculate_metric(nothing_valid) == {"hr@1": 0.0}
+
+
+def test_candidate_metrics_are_registered_in_recbole_tables_by_lower_case_name():
+    """RecBole's Config check and Evaluator look metrics up by lower-case name in these module dicts."""
+    from recbole.evaluator import register as recbole_register
+
+    from recbole_mm.evaluator.candidate_metrics import HR, VHR, ValidRatio, register_candidate_metrics
+
+    register_candidate_metrics()
+    for name, metric in (("hr", HR), ("validratio", ValidRatio), ("vhr", VHR)):
+        assert recbole_register.metrics_dict[name] is metric
+        assert recbole_register.metric_information[name] == metric.metric_need
+        assert recbole_register.metric_types[name] == metric.metric_type

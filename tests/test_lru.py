@@ -97,6 +97,53 @@ def test_ring_initialisation(r_min, r_max):
     torch.testing.assert_close(torch.exp(lru.gamma_log), torch.sqrt(1 - decay.abs() ** 2))
 
 
+def test_ring_initialisation_distribution_written_out():
+    """Orvieto et al. 2023, Lemma 3.2: |lambda|^2 uniform on [r_min^2, r_max^2] (uniform in area) and the
+    phase theta = exp(theta_log) uniform on [0, 2 pi] (the parameter itself, not only lambda: the phase's
+    gradient scales with theta). Checked by moments and range over many draws."""
+    torch.manual_seed(1)
+    r_min, r_max, n = 0.4, 0.9, 20000
+    lru = LRU([n], r_min=r_min, r_max=r_max)
+    squared_radius = lru.decay().abs().double() ** 2
+    mean, std_of_mean = (r_min**2 + r_max**2) / 2, (r_max**2 - r_min**2) / math.sqrt(12 * n)
+    assert abs(squared_radius.mean().item() - mean) < 4 * std_of_mean
+    theta = torch.exp(lru.theta_log).double()
+    assert 0 < theta.min() and theta.max() <= 2 * math.pi + 1e-5
+    assert abs(theta.mean().item() - math.pi) < 4 * 2 * math.pi / math.sqrt(12 * n)
+    assert abs(theta.var().item() - (2 * math.pi) ** 2 / 12) < 0.05 * (2 * math.pi) ** 2 / 12
+
+
+def test_a_ring_of_one_radius_is_allowed():
+    lru = LRU([64], r_min=0.5, r_max=0.5)
+    torch.testing.assert_close(lru.decay().abs(), torch.full((64,), 0.5), rtol=1e-5, atol=1e-6)
+
+
+def test_projection_init_and_parameters_written_out():
+    """Complex Glorot init of the LRU paper per chunk fan-in: B ~ CN(0, 1/H_in) (real and imaginary parts
+    each of variance 1/(2 H_in)), C ~ CN(0, 2/H) (each part 1/H), zero biases; C carries a real bias only.
+    Parameter count written out: 3 H (nu, theta, gamma) + 4 block-triangular weights + 3 biases of H."""
+    torch.manual_seed(2)
+    sizes = [64, 128, 256]
+    lru = LRU(sizes)
+    for proj, part_variance in ((lru.in_proj_real, 0.5), (lru.in_proj_imag, 0.5),
+                                (lru.out_proj_real, 1.0), (lru.out_proj_imag, 1.0)):
+        for chunk, fan_in in zip(proj.chunks, sizes):
+            expected = math.sqrt(part_variance / fan_in)
+            assert abs(chunk.weight.std().item() / expected - 1) < 0.05, (proj, fan_in)
+            assert abs(chunk.weight.mean().item()) < 4 * expected / math.sqrt(chunk.weight.numel())
+    for proj in (lru.in_proj_real, lru.in_proj_imag, lru.out_proj_real):
+        assert all(chunk.bias is not None and not chunk.bias.any() for chunk in proj.chunks)
+    assert all(chunk.bias is None for chunk in lru.out_proj_imag.chunks)
+    hidden = sizes[-1]
+    block_weights = sum((end - start) * fan_in for fan_in, start, end in zip(sizes, [0] + sizes[:-1], sizes))
+    assert sum(p.numel() for p in lru.parameters()) == 3 * hidden + 4 * block_weights + 3 * hidden
+
+
+def test_unknown_scan_is_rejected_by_name():
+    with pytest.raises(ValueError, match=r"LRU scan must be one of \['parallel', 'reference'\], got 'fast'"):
+        LRU(SIZES, scan="fast")
+
+
 def test_bad_radius_is_rejected():
     with pytest.raises(ValueError, match="lru_r_min"):
         LRU(SIZES, r_min=0.5, r_max=0.4)

@@ -2,10 +2,13 @@
 
 import pytest
 import torch
+from torch import nn
 
 from recbole_mm.model.layers.matryoshka import (
     MatryoshkaLayerNorm,
     MatryoshkaLinear,
+    check_nested_sizes,
+    leading_corner,
     nested_state_dict,
 )
 
@@ -136,3 +139,71 @@ def test_extraction_refuses_non_nested_models():
 def test_bad_sizes_are_rejected(sizes):
     with pytest.raises(ValueError):
         MatryoshkaLinear(sizes, sizes)
+
+
+def test_size_errors_name_the_setting_and_the_fix():
+    """The messages name the user's config key (`mrl_sizes`) or the argument, the value and an example."""
+    with pytest.raises(ValueError, match=r"^`mrl_sizes` is empty: give at least one size, e\.g\. \[8, 16, 32, 64\]"):
+        check_nested_sizes([])
+    with pytest.raises(ValueError, match=r"^`mrl_sizes` = \[8, 8\] must be positive and strictly increasing"):
+        check_nested_sizes([8, 8])
+    with pytest.raises(ValueError, match=r"^`in_sizes` = \[4, 2\] must be"):
+        MatryoshkaLinear([4, 2], [2, 4])
+    with pytest.raises(ValueError, match=r"^`out_sizes` = \[4, 2\] must be"):
+        MatryoshkaLinear([2, 4], [4, 2])
+    with pytest.raises(ValueError, match=r"one input size per output size, got in_sizes=\[2, 4\] and out_sizes=\[4\]"):
+        MatryoshkaLinear([2, 4], [4])
+    with pytest.raises(ValueError, match="^MatryoshkaLinear expects 16 input features, got 15\\.$"):
+        MatryoshkaLinear(SIZES, SIZES)(torch.randn(2, 3, 15))
+    assert check_nested_sizes([1, 4]) == [1, 4]  # a size of one is a valid (tiny) model
+
+
+def test_layer_without_bias_has_none():
+    layer = MatryoshkaLinear(SIZES, SIZES, bias=False)
+    assert all(chunk.bias is None for chunk in layer.chunks)
+    x = torch.randn(3, SIZES[-1])
+    torch.testing.assert_close(layer(x), x @ layer.masked_weight().T)
+
+
+def test_layernorm_default_eps_is_torch_default_and_reaches_every_chunk():
+    """On inputs whose chunk variance is comparable to eps, the written-out formula with eps = 1e-5
+    (nn.LayerNorm's default) and with a custom eps tells the two apart."""
+    x = 3e-3 * torch.randn(4, SIZES[-1], dtype=torch.float64)
+    for norm, eps in ((MatryoshkaLayerNorm(SIZES).double(), 1e-5), (MatryoshkaLayerNorm(SIZES, eps=1e-3).double(), 1e-3)):
+        pieces = []
+        for start, end in zip([0] + SIZES[:-1], SIZES):
+            part = x[..., start:end]
+            centred = part - part.mean(-1, keepdim=True)
+            pieces.append(centred / torch.sqrt((centred**2).mean(-1, keepdim=True) + eps))
+        torch.testing.assert_close(norm(x), torch.cat(pieces, -1), rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(norm.forward_reference(x), torch.cat(pieces, -1), rtol=1e-10, atol=1e-10)
+
+
+def test_layernorm_in_float32_takes_double_input():
+    """The membership buffer follows the input's dtype (a float32 module on float64 activations)."""
+    norm = MatryoshkaLayerNorm(SIZES)
+    x = torch.randn(3, SIZES[-1], dtype=torch.float64)
+    out = norm(x)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, norm.double().forward_reference(x), rtol=1e-6, atol=1e-6)
+
+
+def test_corner_errors_name_both_shapes():
+    with pytest.raises(ValueError, match=r"cannot take a \(4,\) corner of a \(4, 4\) tensor: the two models are not nested"):
+        leading_corner(torch.zeros(4, 4), torch.Size([4]))
+    with pytest.raises(ValueError, match=r"cannot take a \(5, 2\) corner of a \(4, 4\) tensor"):
+        leading_corner(torch.zeros(4, 4), torch.Size([5, 2]))
+    torch.testing.assert_close(leading_corner(torch.arange(16.0).view(4, 4), torch.Size([2, 3])),
+                               torch.tensor([[0.0, 1, 2], [4, 5, 6]]))
+
+
+def test_extraction_inside_a_model_and_missing_tensors():
+    """Chunks of a layer nested in a model are recognised by their full names; a tensor the full model
+    lacks is named with the architecture options to check."""
+    full = nn.Sequential(MatryoshkaLinear(SIZES, SIZES), MatryoshkaLayerNorm(SIZES))
+    with pytest.raises(ValueError, match=r"chunk `0\.chunks\.2\.weight` is \(4, 8\) in the full model but \(2, 6\)"):
+        nested_state_dict(nn.Sequential(MatryoshkaLinear([2, 4, 6], [2, 4, 6]), MatryoshkaLayerNorm([2, 4, 6])),
+                          full.state_dict())
+    with pytest.raises(KeyError, match=r"the full model has no tensor `2\.weight`; was it trained with the same"):
+        nested_state_dict(nn.Sequential(MatryoshkaLinear(SIZES[:2], SIZES[:2]), MatryoshkaLayerNorm(SIZES[:2]),
+                                        nn.Linear(4, 4)), full.state_dict())

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from recbole_mm.model.layers.mome import ModalityGate, MoMELayer, MultimodalItemCompressor
+from recbole_mm.model.layers.mome import FeedForwardAdapter, ModalityExpert, ModalityGate, MoMELayer, MultimodalItemCompressor
 
 MODALITIES = ["text", "image", "id"]
 
@@ -123,3 +123,116 @@ def test_parameter_groups_partition_the_block():
     text_ids = {id(p) for p in compressor.modality_parameters("text")}
     assert {id(p) for p in compressor.adapters["text"].parameters()} <= text_ids
     assert {id(p) for p in compressor.modality_layers[0].experts["text"].parameters()} <= text_ids
+
+
+def _adapter(adapter, x):
+    first, last = adapter.net[0], adapter.net[2]
+    return torch.nn.functional.linear(torch.nn.functional.gelu(torch.nn.functional.linear(x, first.weight, first.bias)),
+                                      last.weight, last.bias)
+
+
+def _layer_norm(norm, x):
+    mean = x.mean(-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(-1, keepdim=True)
+    return (x - mean) / torch.sqrt(var + norm.eps) * norm.weight + norm.bias
+
+
+def _attention(attention, hidden, keep):
+    """Multi-head self-attention written out (eqs. 5-6): per head softmax(Q K^T / sqrt(d_h)) V over the
+    kept tokens, heads concatenated, output projection."""
+    n, m, d = hidden.shape
+    heads = attention.num_heads
+    q, k, v = (torch.nn.functional.linear(hidden, w, b) for w, b in
+               zip(attention.in_proj_weight.chunk(3), attention.in_proj_bias.chunk(3)))
+    split = lambda t: t.view(n, m, heads, d // heads).transpose(1, 2)  # noqa: E731
+    scores = split(q) @ split(k).transpose(-1, -2) / (d // heads) ** 0.5
+    scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
+    mixed = (scores.softmax(-1) @ split(v)).transpose(1, 2).reshape(n, m, d)
+    return torch.nn.functional.linear(mixed, attention.out_proj.weight, attention.out_proj.bias)
+
+
+def _expert(expert, x):
+    first, second = expert.ffn[0], expert.ffn[2]
+    inner = torch.relu(torch.nn.functional.linear(x, first.weight, first.bias))
+    return _layer_norm(expert.norm, torch.nn.functional.linear(inner, second.weight, second.bias)) + x
+
+
+def test_compressor_equals_the_block_written_out_with_missing_modalities():
+    """MRC end to end against eqs. 1-10 written out with the module's weights: GELU adapters, the tanh gate
+    on non-text tokens, masked MHSA + LayerNorm, hard-routed ReLU experts (L1) then the multimodal expert
+    (L2), average pooling over present tokens only, output adapter. Item 0 has only its text (pooling
+    divides by 1), item 1 has no image."""
+    torch.manual_seed(4)
+    compressor = MultimodalItemCompressor({"text": 6, "image": 5, "id": 4}, hidden_size=8, output_size=10, n_heads=2,
+                                          dropout=0.0, modality_layers=2, multimodal_layers=2).double().eval()
+    with torch.no_grad():  # open the gates, so the gate term is non-trivial
+        for gate in compressor.gates.values():
+            gate.adapter.weight.normal_()
+            gate.adapter.bias.normal_()
+    feats = {m: t.double() for m, t in features(n=5, seed=6).items()}
+    present = {"text": torch.ones(5, dtype=torch.bool), "image": torch.tensor([0, 0, 1, 1, 1], dtype=torch.bool),
+               "id": torch.tensor([0, 1, 1, 1, 1], dtype=torch.bool)}
+    tokens = []
+    for m in MODALITIES:
+        e = _adapter(compressor.adapters[m], feats[m])
+        if m != "text":
+            gate = compressor.gates[m].adapter
+            e = torch.tanh(torch.nn.functional.linear(e, gate.weight, gate.bias)) * e
+        tokens.append(e)
+    hidden = torch.stack(tokens, dim=1)
+    keep = torch.stack([present[m] for m in MODALITIES], dim=1)
+    for layer in list(compressor.modality_layers) + list(compressor.multimodal_layers):
+        hidden = _layer_norm(layer.attention_norm, _attention(layer.attention, hidden, keep) + hidden)
+        if layer.hard_routed:
+            hidden = torch.stack([_expert(layer.experts[m], hidden[:, k]) for k, m in enumerate(MODALITIES)], dim=1)
+        else:
+            hidden = _expert(layer.experts["multimodal"], hidden)
+    weights = keep.double().unsqueeze(-1)
+    pooled = (hidden * weights).sum(1) / weights.sum(1)
+    expected = _adapter(compressor.output_adapter, pooled)
+    torch.testing.assert_close(compressor(feats, present), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_default_compressor_structure_written_out():
+    """Defaults: 2 heads, one L1 and one L2 layer, FFN inner size 4 d, dropout 0.1 everywhere (attention and
+    experts), tanh gates on the non-text modalities; adapters Linear(D_m, d) GELU Linear(d, d), output adapter
+    Linear(d, out) GELU Linear(out, out). Parameter count written out from those shapes."""
+    compressor = MultimodalItemCompressor({"text": 6, "image": 5}, hidden_size=8, output_size=10)
+    d, inner = 8, 32
+    linear = lambda i, o: i * o + o  # noqa: E731
+    norm = 2 * d
+    adapters = linear(6, d) + linear(d, d) + linear(5, d) + linear(d, d)
+    gates = linear(d, d)  # image only
+    attention_block = 3 * d * d + 3 * d + linear(d, d) + norm
+    expert = linear(d, inner) + linear(inner, d) + norm
+    layers = (attention_block + 2 * expert) + (attention_block + expert)
+    output = linear(d, 10) + linear(10, 10)
+    assert sum(p.numel() for p in compressor.parameters()) == adapters + gates + layers + output
+    assert len(compressor.modality_layers) == 1 and len(compressor.multimodal_layers) == 1
+    assert set(compressor.gates) == {"image"} and compressor.gates["image"].kind == "tanh"
+    for layer in (*compressor.modality_layers, *compressor.multimodal_layers):
+        assert layer.attention.num_heads == 2 and layer.attention.dropout == 0.1
+        assert all(expert.ffn[3].p == 0.1 for expert in layer.experts.values())
+
+
+def test_adapter_hidden_size_and_expert_dropout():
+    adapter = FeedForwardAdapter(4, 8, hidden_size=16)
+    assert adapter.net[0].out_features == 16 and adapter.net[2].in_features == 16
+    assert FeedForwardAdapter(4, 8).net[0].out_features == 8
+    torch.manual_seed(0)
+    expert = ModalityExpert(8, 16, dropout=0.5)
+    x = torch.randn(64, 8)
+    assert not torch.allclose(expert.train()(x), expert.eval()(x))  # the FFN's dropout is active in training
+
+
+def test_block_errors_name_the_setting():
+    with pytest.raises(ValueError, match=r"^gate='sigmoid': choose one of tanh, relu, none\.$"):
+        ModalityGate(8, "sigmoid")
+    gate = ModalityGate(8, "none")
+    assert gate.adapter is None and not list(gate.parameters())
+    with pytest.raises(ValueError, match=r"^mome_hidden_size=8 must be divisible by mome_n_heads=3\.$"):
+        MoMELayer(8, 3, 16, 0.0)
+    with pytest.raises(ValueError, match="^MultimodalItemCompressor needs at least one modality.$"):
+        MultimodalItemCompressor({}, hidden_size=8, output_size=10)
+    with pytest.raises(KeyError, match=r"unknown modalities \['audio'\]; this compressor has \['text', 'image', 'id'\]"):
+        make_compressor()({"text": torch.randn(2, 6), "audio": torch.randn(2, 3)})
