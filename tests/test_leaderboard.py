@@ -7,8 +7,10 @@ import pytest
 import yaml
 from scipy import stats
 
+from recbole_mm.experiments.cells import run_cell
 from recbole_mm.experiments.leaderboard import load_spec, run_leaderboard, trial_points
 from recbole_mm.experiments.significance import compare
+from recbole_mm.experiments.store import ResultsStore
 from recbole_mm.utils import RecboleMMError
 from recbole_mm.utils.lock import output_lock
 from tests.conftest import PROJECT_ROOT as ROOT, write_scientific_slice
@@ -118,7 +120,7 @@ def test_leaderboard_tunes_on_valid_trains_seeds_and_resumes(scientific_dir, in_
     assert (output / "ndcg_at_10.png").stat().st_size > 0
     assert len((output / "tuning.csv").read_text().splitlines()) == 1 + 1 + 2
 
-    assert "Complete: every model of the spec on every seed." in table
+    assert "Complete: every model and ablation of the spec on every seed." in table
 
     again = run_leaderboard(spec, output, isolate=False, log=lambda message: None)
     assert all(r["reused"] for o in again.values() for r in o["finals"])
@@ -135,6 +137,59 @@ def test_leaderboard_tunes_on_valid_trains_seeds_and_resumes(scientific_dir, in_
     missing = ", ".join(f"{model} (2 of 3 seeds)" for model in spec["models"] if model != "GRU4Rec")
     assert f"INCOMPLETE: not tuned yet: GRU4Rec; seeds still missing: {missing}." in table
     assert not list((output / "cells").glob("GRU4Rec_*")) and not list((output / "cells").glob("*seed2022*"))
+
+
+def test_ablation_trains_the_full_models_best_point_with_the_switch_and_compares_with_it(scientific_dir, in_tmp_cwd):
+    data = in_tmp_cwd / "data"
+    write_scientific_slice(scientific_dir, data, n_users=60)
+    budget = in_tmp_cwd / "budget.yaml"
+    budget.write_text(yaml.safe_dump({
+        "data_path": str(data), "benchmark_filename": ["train", "valid", "test"], "alias_of_item_id": ["item_id_list"],
+        "load_col": {"inter": ["user_id", "item_id_list", "item_id"]}, "TIME_FIELD": None,
+        "modalities": ["text", "image"],
+        "feature_tables": {"text": {"path": "SciSlice.feat1CLS", "dim": 512},
+                           "image": {"path": "SciSlice.feat3CLS", "dim": 512}},
+        "epochs": 1, "hidden_size": 16, "inner_size": 32, "n_layers": 1,
+        "train_batch_size": 256, "eval_batch_size": 256}))
+    spec_path = in_tmp_cwd / "spec.yaml"
+    base = {"dataset": "SciSlice", "reference": "SASRec", "metric": "ndcg@10", "seeds": [2020],
+            "config_files": [str(budget)], "models": {"SASRec": {}, "MMSASRec": {"learning_rate": [0.01, 0.001]}},
+            "ablations": {"MMSASRec text only": {"of": "MMSASRec", "set": {"modalities": ["text"]}}}}
+    spec_path.write_text(yaml.safe_dump(base))
+    spec = load_spec(spec_path)
+    output = in_tmp_cwd / "board"
+    with pytest.raises(RecboleMMError, match="run --models MMSASRec first"):
+        run_leaderboard(spec, output, models=["MMSASRec text only"], isolate=False, log=lambda message: None)
+    outcomes = run_leaderboard(spec, output, isolate=False, log=lambda message: None)
+
+    full, ablated = outcomes["MMSASRec"], outcomes["MMSASRec text only"]
+    (record,) = ablated["finals"]
+    # the cell is exactly the full model's best point plus the switch: the store holds it under that config
+    direct = run_cell(ResultsStore(output), "MMSASRec", "SciSlice", 2020, [str(budget)],
+                      {**full["best_params"], "modalities": ["text"], "checkpoint_dir": "saved/leaderboard/SciSlice",
+                       "show_progress": False}, (), isolate=False, per_user=True, train=False)
+    assert direct["status"] == "ok" and direct["config_hash"] == record["config_hash"]
+    assert record["config_hash"] != full["finals"][0]["config_hash"]
+    # the relative change against the full model, from the per-user arrays (same users, same seed)
+    mine = dict(zip(record["per_user"]["users"], record["per_user"]["metrics"]["ndcg@10"]))
+    theirs = dict(zip(full["finals"][0]["per_user"]["users"], full["finals"][0]["per_user"]["metrics"]["ndcg@10"]))
+    change = np.mean([mine[user] for user in theirs]) / np.mean(list(theirs.values())) - 1
+    table = (output / "table.md").read_text()
+    assert "## Ablations" in table
+    assert f"| MMSASRec text only | MMSASRec | modalities=['text'] |" in table and f"{change:+.1%}" in table
+    rows = list(csv.DictReader(open(output / "ablations.csv")))
+    assert rows[0]["ablation"] == "MMSASRec text only" and float(rows[0]["relative_change"]) == pytest.approx(change)
+    assert "Complete: every model and ablation" in table
+
+    # a report from the store keeps the ablation row; bad ablation specs are refused by name
+    report = run_leaderboard(spec, output, isolate=False, log=lambda message: None, train=False)
+    assert report["MMSASRec text only"]["finals"][0]["reused"]
+    for ablations, message in (({"MMSASRec": {"of": "MMSASRec", "set": {"x": 1}}}, "has the name of a model"),
+                               ({"A": {"of": "GRU4Rec", "set": {"x": 1}}}, "is not one of the models"),
+                               ({"A": {"of": "MMSASRec"}}, "must be {of: <model>, set:")):
+        spec_path.write_text(yaml.safe_dump({**base, "ablations": ablations}))
+        with pytest.raises(RecboleMMError, match=message):
+            load_spec(spec_path)
 
 
 def test_a_second_leaderboard_run_on_one_output_stops_at_once(tmp_path):

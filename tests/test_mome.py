@@ -161,7 +161,7 @@ def test_compressor_equals_the_block_written_out_with_missing_modalities():
     """MRC end to end against eqs. 1-10 written out with the module's weights: GELU adapters, the tanh gate
     on non-text tokens, masked MHSA + LayerNorm, hard-routed ReLU experts (L1) then the multimodal expert
     (L2), average pooling over present tokens only, output adapter. Item 0 has only its text (pooling
-    divides by 1), item 1 has no image."""
+    divides by 1), item 1 has no image, item 4 has nothing."""
     torch.manual_seed(4)
     compressor = MultimodalItemCompressor({"text": 6, "image": 5, "id": 4}, hidden_size=8, output_size=10, n_heads=2,
                                           dropout=0.0, modality_layers=2, multimodal_layers=2).double().eval()
@@ -170,8 +170,9 @@ def test_compressor_equals_the_block_written_out_with_missing_modalities():
             gate.adapter.weight.normal_()
             gate.adapter.bias.normal_()
     feats = {m: t.double() for m, t in features(n=5, seed=6).items()}
-    present = {"text": torch.ones(5, dtype=torch.bool), "image": torch.tensor([0, 0, 1, 1, 1], dtype=torch.bool),
-               "id": torch.tensor([0, 1, 1, 1, 1], dtype=torch.bool)}
+    present = {"text": torch.tensor([1, 1, 1, 1, 0], dtype=torch.bool),
+               "image": torch.tensor([0, 0, 1, 1, 0], dtype=torch.bool),
+               "id": torch.tensor([0, 1, 1, 1, 0], dtype=torch.bool)}
     tokens = []
     for m in MODALITIES:
         e = _adapter(compressor.adapters[m], feats[m])
@@ -188,8 +189,9 @@ def test_compressor_equals_the_block_written_out_with_missing_modalities():
         else:
             hidden = _expert(layer.experts["multimodal"], hidden)
     weights = keep.double().unsqueeze(-1)
-    pooled = (hidden * weights).sum(1) / weights.sum(1)
-    expected = _adapter(compressor.output_adapter, pooled)
+    pooled = (hidden[:4] * weights[:4]).sum(1) / weights[:4].sum(1)
+    # item 4 has no modality at all: nothing to pool, so it gets A_f(0) (and no NaN from an all-masked row)
+    expected = _adapter(compressor.output_adapter, torch.cat([pooled, torch.zeros(1, 8, dtype=torch.float64)]))
     torch.testing.assert_close(compressor(feats, present), expected, rtol=1e-10, atol=1e-10)
 
 
@@ -228,6 +230,8 @@ def test_adapter_hidden_size_and_expert_dropout():
 def test_block_errors_name_the_setting():
     with pytest.raises(ValueError, match=r"^gate='sigmoid': choose one of tanh, relu, none\.$"):
         ModalityGate(8, "sigmoid")
+    assert ModalityGate(8).kind == "tanh"  # eq. 18's gate unless an ablation asks otherwise
+    assert {gate.kind for gate in make_compressor(gate="relu").gates.values()} == {"relu"}
     gate = ModalityGate(8, "none")
     assert gate.adapter is None and not list(gate.parameters())
     with pytest.raises(ValueError, match=r"^mome_hidden_size=8 must be divisible by mome_n_heads=3\.$"):

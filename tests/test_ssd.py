@@ -395,3 +395,66 @@ def test_conv_auto_on_cuda_keeps_unsupported_widths_in_torch():
     assert not ssd_mod.causal_conv1d_kernel_supports(x, 5)
     torch.testing.assert_close(causal_depthwise_conv1d(x, weight, impl="auto", channels_last=True),
                                causal_depthwise_conv1d(x, weight, impl="torch", channels_last=True))
+
+
+def test_discretization_step_adds_the_bias_before_softplus():
+    """delta = softplus(dt + dt_bias) = log(1 + exp(dt + dt_bias)), written out."""
+    dt = torch.tensor([[-3.0, 0.0, 2.0]], dtype=torch.float64)
+    bias = torch.tensor([0.5, -1.0, 4.0], dtype=torch.float64)
+    torch.testing.assert_close(discretization_step(dt, bias), torch.log1p(torch.exp(dt + bias)))
+    torch.testing.assert_close(discretization_step(dt), torch.log1p(torch.exp(dt)))
+
+
+def test_shape_errors_name_the_argument_and_both_shapes():
+    x, delta, A, B, C, D = random_inputs(6)  # batch 2, L 6, heads 4, head_dim 3, groups 2, d_state 5
+    for fn in (ssd_naive, ssd_quadratic, ssd_chunked):
+        with pytest.raises(ValueError, match=r"^ssd: x must be \(batch, L, heads, head_dim\), got \(2, 6, 4\)$"):
+            fn(x[..., 0], delta, A, B, C, D)
+        with pytest.raises(ValueError, match=r"^ssd: A must be \(4,\), got \(3,\)$"):
+            fn(x, delta, A[:3], B, C, D)
+        with pytest.raises(ValueError, match=r"^ssd: B and C must be \(batch, L, groups, d_state\), got \(2, 6, 2, 5\), \(2, 6, 2, 4\)$"):
+            fn(x, delta, A, B, C[..., :4], D)
+        with pytest.raises(ValueError, match=r"got \(2, 6, 10\), \(2, 6, 10\)$"):  # 3-d B and C
+            fn(x, delta, A, B.flatten(2), C.flatten(2), D)
+        with pytest.raises(ValueError, match=r"got \(2, 5, 2, 5\), \(2, 5, 2, 5\)$"):  # wrong length
+            fn(x, delta, A, B[:, :5], C[:, :5], D)
+        with pytest.raises(ValueError, match=r"^ssd: heads \(4\) must be divisible by groups \(3\)$"):
+            fn(x, delta, A, B[:, :, :1].expand(-1, -1, 3, -1), C[:, :, :1].expand(-1, -1, 3, -1), D)
+        with pytest.raises(ValueError, match=r"^ssd: D must be \(4,\) or None, got \(2,\)$"):
+            fn(x, delta, A, B, C, D[:2])
+    with pytest.raises(ValueError, match=r"^ssd: chunk_size must be >= 1, got 0$"):
+        ssd_chunked(x, delta, A, B, C, D, chunk_size=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_precision_inputs_are_computed_in_float32_and_returned_in_their_dtype(dtype):
+    """Every torch path computes in float32 for float32/bfloat16 inputs (exp of segment sums) and returns
+    the input's dtype; the result is the float64 recurrence rounded once."""
+    inputs64 = random_inputs(40, groups=1, d_state=5)
+    expected = textbook_recurrence(*inputs64)
+    low = [t.to(dtype) for t in inputs64]
+    reference = textbook_recurrence(*[t.double() for t in low])  # the rounded inputs, exact arithmetic
+    tolerance = 2e-5 if dtype == torch.float32 else 2e-2
+    for fn in (ssd_naive, ssd_quadratic, lambda *a: ssd_chunked(*a, chunk_size=16), ssd):
+        out = fn(*low)
+        assert out.dtype == dtype
+        scale = reference.abs().max()
+        assert ((out.double() - reference).abs().max() / scale) < tolerance
+    assert expected.dtype == torch.float64
+
+
+def test_auto_dispatch_on_cpu_and_the_default_chunk_size(monkeypatch):
+    """On CPU, auto = torch_chunked; a sequence of at most one chunk (default 32) takes the quadratic form,
+    a longer one the chunked path with the given chunk size."""
+    calls = []
+    monkeypatch.setattr(ssd_mod, "ssd_quadratic", lambda *a: calls.append(("quadratic", a[0].shape[1])) or a[0])
+    monkeypatch.setattr(ssd_mod, "ssd_chunked",
+                        lambda *a, chunk_size: calls.append(("chunked", a[0].shape[1], chunk_size)) or a[0])
+    for length in (32, 33):
+        x, delta, A, B, C, D = random_inputs(length)
+        assert ssd_mod.ssd(x, delta, A, B, C, D) is x
+    x, delta, A, B, C, D = random_inputs(9)
+    ssd_mod.ssd(x, delta, A, B, C, D, chunk_size=8)
+    ssd_mod.ssd(x, delta, A, B, C, D, chunk_size=9)
+    assert calls == [("quadratic", 32), ("chunked", 33, 32), ("chunked", 9, 8), ("quadratic", 9)]
+    assert ssd_mod.resolve_ssd_impl("auto", x) == "torch_chunked"

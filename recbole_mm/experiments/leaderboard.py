@@ -18,10 +18,15 @@ config files (budget, width, early stopping) and the reference model::
     models:
       SASRec: {learning_rate: [0.001, 0.0003], hidden_dropout_prob: [0.2, 0.5]}
       GRU4Rec: {}                    # no tuning: its defaults
+    ablations:                       # optional: a model's best point with one component switched off
+      MMM4Rec w/o Time: {of: MMM4Rec, set: {is_time: False}}
 
 For each model: every point of its space is trained with the first seed and judged by its best
 validation score (tuning never sees the test set); the best point is then trained with every seed.
-The first seed's run of the best point is the same cell as its tuning trial and is reused. Every
+The first seed's run of the best point is the same cell as its tuning trial and is reused. An
+ablation row trains its model's best point with ``set`` on top, on every seed (not tuned again: it
+asks what the component is worth at the tuned point), once that model is tuned; the table compares
+it with its full model, paired by user and seed. Every
 cell is a table-runner cell (``recbole_mm.experiments.cells``): hashed by its effective config,
 stored under ``<output>/cells``, reused on a rerun, so an interrupted leaderboard resumes. Cells
 keep their test users' per-user metrics for the paired tests (``significance``). A cell whose run
@@ -58,7 +63,7 @@ from recbole_mm.utils.atomic import open_atomic, save_figure_atomic, write_text_
 from recbole_mm.utils.lock import output_lock
 
 SPEC_KEYS = {"dataset", "reference", "metric", "seeds", "max_trials", "config_files", "model_config_files", "models",
-             "description", "tuned_on"}
+             "description", "tuned_on", "ablations"}
 
 
 def load_spec(path):
@@ -88,6 +93,17 @@ def load_spec(path):
             raise RecboleMMError(f"{path}: models.{model} has {len(trial_points(space))} points, but tuned_on="
                                  f"{spec['tuned_on']!r} says each model trains the one point tuned there: give one "
                                  "value per key, or drop tuned_on to tune on this dataset.")
+    spec["ablations"] = spec.get("ablations") or {}
+    for name, ablation in spec["ablations"].items():
+        if name in spec["models"]:
+            raise RecboleMMError(f"{path}: ablation {name!r} has the name of a model; give it its own, e.g. "
+                                 f"'{name} w/o X'.")
+        if not isinstance(ablation, dict) or set(ablation) != {"of", "set"} or not isinstance(ablation["set"], dict) \
+                or not ablation["set"]:
+            raise RecboleMMError(f"{path}: ablations.{name} must be {{of: <model>, set: {{<key>: <value>, ...}}}}.")
+        if ablation["of"] not in spec["models"]:
+            raise RecboleMMError(f"{path}: ablations.{name}.of = {ablation['of']!r} is not one of the models "
+                                 f"{list(spec['models'])}.")
     return spec
 
 
@@ -108,14 +124,18 @@ def valid_key(record):
     return score if record.get("valid_score_bigger", True) else -score
 
 
+def _cell(store, spec, model, seed, params, config_dict, cmd_args, log, timeout, isolate, train):
+    return run_cell(store, model, spec["dataset"], seed, spec["config_files"], {**config_dict, **params}, cmd_args,
+                    isolate, timeout=timeout, log=log, model_config_files=spec["model_config_files"].get(model, []),
+                    per_user=True, train=train)
+
+
 def run_model(store, spec, model, config_dict, cmd_args, log, timeout=None, isolate=True, train=True):
     """Tune ``model`` on the first seed's validation score, then train its best point on every seed.
     ``train=False`` reads the store only: None until every tuning trial is stored; seeds not yet
     stored are left out of the finals."""
-    run = lambda seed, params: run_cell(  # noqa: E731
-        store, model, spec["dataset"], seed, spec["config_files"], {**config_dict, **params}, cmd_args, isolate,
-        timeout=timeout, log=log, model_config_files=spec["model_config_files"].get(model, []), per_user=True,
-        train=train)
+    run = lambda seed, params: _cell(store, spec, model, seed, params, config_dict, cmd_args, log,  # noqa: E731
+                                     timeout, isolate, train)
     trials = []
     for params in trial_points(spec["models"][model]):
         trials.append({"params": params, "record": run(spec["seeds"][0], params)})
@@ -128,6 +148,37 @@ def run_model(store, spec, model, config_dict, cmd_args, log, timeout=None, isol
     finals = [best["record"]] + [run(seed, best["params"]) for seed in spec["seeds"][1:]]
     finals = [record for record in finals if record["status"] != "missing"]
     return {"model": model, "trials": trials, "best_params": best["params"], "finals": finals}
+
+
+def run_ablation(store, spec, name, full, config_dict, cmd_args, log, timeout=None, isolate=True, train=True):
+    """The full model's best point (``full``: its outcome) with the ablation's ``set`` on top, every seed.
+    ``train=False`` reads the store only: None while no seed is stored."""
+    ablation = spec["ablations"][name]
+    params = {**full["best_params"], **ablation["set"]}
+    finals = [_cell(store, spec, ablation["of"], seed, params, config_dict, cmd_args, log, timeout, isolate, train)
+              for seed in spec["seeds"]]
+    finals = [record for record in finals if record["status"] != "missing"]
+    if not finals and not train:
+        return None
+    return {"ablation": name, "of": ablation["of"], "set": ablation["set"], "finals": finals}
+
+
+def ablation_rows(spec, outcomes, ablations):
+    """One row per ablation: its test metrics and the paired comparison with its full model."""
+    rows = []
+    for name, outcome in ablations.items():
+        finals = [record for record in outcome["finals"] if record["status"] == "ok"]
+        full = [record for record in outcomes[outcome["of"]]["finals"] if record["status"] == "ok"]
+        test_keys = sorted({key for record in finals for key in record["test_result"]})
+        rows.append({
+            "name": name, "of": outcome["of"], "set": outcome["set"], "seeds": [record["seed"] for record in finals],
+            "test": {key: mean_std([record["test_result"].get(key) for record in finals]) for key in test_keys},
+            "converged": sum(bool(is_converged(record)) for record in finals),
+            "epochs": mean_std([record.get("epochs") for record in finals])[0],
+            "errors": [record.get("error", "") for record in outcome["finals"] if record["status"] != "ok"],
+            "comparison": compare(finals, full, spec["metric"]) if finals and full else None,
+        })
+    return rows
 
 
 def mean_std(values):
@@ -177,7 +228,7 @@ def _fmt_p(value):
     return "—" if value is None else (f"{value:.1e}" if value < 1e-3 else f"{value:.3f}")
 
 
-def write_outputs(output, spec, outcomes, header_lines):
+def write_outputs(output, spec, outcomes, header_lines, ablations=None):
     rows = model_rows(spec, outcomes)
     test_keys = sorted({key for row in rows for key in row["test"]})
     metric, reference = spec["metric"], spec["reference"]
@@ -208,6 +259,20 @@ def write_outputs(output, spec, outcomes, header_lines):
                             + [row["converged"], row["epochs"], row["parameters"], change,
                                comparison.get("t_p"), comparison.get("wilcoxon_p"), comparison.get("n")])
     failures = [f"- {row['model']}: {error[:200]}" for row in rows for error in row["errors"]]
+    if ablations:
+        extra = ablation_rows(spec, outcomes, ablations)
+        lines += _ablation_lines(spec, extra)
+        failures += [f"- {row['name']}: {error[:200]}" for row in extra for error in row["errors"]]
+        with open_atomic(output / "ablations.csv", "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["ablation", "of", "set", "seeds", f"test {metric} mean", f"test {metric} std", "converged",
+                             "epochs", "relative_change", "t_p", "wilcoxon_p", "pairs"])
+            for row in extra:
+                comparison = row["comparison"] or {}
+                writer.writerow([row["name"], row["of"], yaml.safe_dump(row["set"], default_flow_style=True).strip(),
+                                 " ".join(map(str, row["seeds"])), *row["test"].get(metric, (None, None)),
+                                 row["converged"], row["epochs"], comparison.get("relative_change"),
+                                 comparison.get("t_p"), comparison.get("wilcoxon_p"), comparison.get("n")])
     if failures:
         lines += ["", "Failed cells (retried on the next run):", *failures]
     write_text_atomic(output / "table.md", "\n".join(lines) + "\n")
@@ -221,6 +286,24 @@ def write_outputs(output, spec, outcomes, header_lines):
                                  record["status"], record.get("best_valid_score"), record.get("epochs"),
                                  record.get("epoch_cap"), is_converged(record), record.get("config_hash")])
     plot(output / f"{metric.replace('@', '_at_')}.png", spec, rows, f"test {metric}")
+
+
+def _ablation_lines(spec, rows):
+    metric = spec["metric"]
+    lines = ["", "## Ablations", "",
+             f"Each row trains its full model's best point with the switch on top, on every seed (not tuned again); "
+             f"{metric} per test user against the full model, paired by user and seed, pooled over seeds.", "",
+             f"| ablation | of | set | test {metric} | converged | epochs | {metric} vs full model | p (paired t) | "
+             "p (Wilcoxon) |", "|" + "---|" * 9]
+    for row in rows:
+        comparison = row["comparison"] or {}
+        change = comparison.get("relative_change")
+        lines.append("| " + " | ".join([
+            row["name"], row["of"], ", ".join(f"{k}={v}" for k, v in row["set"].items()),
+            _fmt(*row["test"].get(metric, (None, None))), f"{row['converged']}/{len(row['seeds'])}",
+            _fmt(row["epochs"], None, 1), "—" if change is None else f"{change:+.1%}",
+            _fmt_p(comparison.get("t_p")), _fmt_p(comparison.get("wilcoxon_p"))]) + " |")
+    return lines
 
 
 def plot(path, spec, rows, title):
@@ -255,10 +338,13 @@ def run_leaderboard(spec, output, models=None, config_dict=None, cmd_args=(), jo
     ``train=False`` (``--report``) trains nothing: it writes the tables from the store.
     ``isolate=False`` trains in this process (tests; peak memory is then not the cell's own)."""
     output = Path(output)
-    models = list(models or spec["models"]) if train else []
-    missing = [model for model in models if model not in spec["models"]]
+    selected = list(models or [*spec["models"], *spec["ablations"]]) if train else []
+    missing = [name for name in selected if name not in spec["models"] and name not in spec["ablations"]]
     if missing:
-        raise RecboleMMError(f"--models {missing} are not in the spec's models {list(spec['models'])}.")
+        raise RecboleMMError(f"--models {missing} are not in the spec's models {list(spec['models'])} or ablations "
+                             f"{list(spec['ablations'])}.")
+    models = [name for name in selected if name in spec["models"]]
+    ablations_to_train = [name for name in selected if name in spec["ablations"]]
     config_dict = {"checkpoint_dir": str(Path("saved") / "leaderboard" / spec["dataset"]), "show_progress": False,
                    **(config_dict or {})}
     tuning = (f"each model trains the point tuned on {spec['tuned_on']} (that leaderboard's best validation point; "
@@ -278,24 +364,47 @@ def run_leaderboard(spec, output, models=None, config_dict=None, cmd_args=(), jo
                 stored = run_model(store, spec, model, config_dict, cmd_args, lambda message: None, train=False)
                 if stored is not None:
                     outcomes[model] = stored
+        ablations = {}
+        for name, ablation in spec["ablations"].items():
+            if name not in ablations_to_train and outcomes.get(ablation["of"], {}).get("finals"):
+                stored = run_ablation(store, spec, name, outcomes[ablation["of"]], config_dict, cmd_args,
+                                      lambda message: None, train=False)
+                if stored is not None:
+                    ablations[name] = stored
 
         def write(trained):
             ordered = {model: outcomes[model] for model in spec["models"] if model in outcomes}
+            ordered_ablations = {name: ablations[name] for name in spec["ablations"] if name in ablations}
             machines = (f"Machine: {machine_description()}." if train else
                         f"Machines (as each cell recorded them): {_machines(ordered)}.")
-            write_outputs(output, spec, ordered, [machines, *header,
-                          f"Written {time.strftime('%Y-%m-%d %H:%M')}. {_completeness(spec, ordered)}"])
+            write_outputs(output, spec, ordered, [machines, *header, f"Written {time.strftime('%Y-%m-%d %H:%M')}. "
+                                                  f"{_completeness(spec, ordered, ordered_ablations)}"],
+                          ordered_ablations)
             log(f"[leaderboard] {trained} done; wrote {output / 'table.md'}")
 
-        if not models:
+        def ablate(name, model_futures):
+            of = spec["ablations"][name]["of"]
+            full = model_futures[of].result() if of in model_futures else outcomes.get(of)
+            if not full or not full["finals"]:
+                raise RecboleMMError(f"ablation {name!r} trains {of}'s best point, and {of} has no finished run in "
+                                     f"{output}: run --models {of} first (or both together).")
+            return run_ablation(store, spec, name, full, config_dict, cmd_args, log, timeout, isolate)
+
+        if not models and not ablations_to_train:
             write("report from the store")
         with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-            futures = {pool.submit(run_model, store, spec, model, config_dict, cmd_args, log, timeout, isolate): model
-                       for model in models}
+            # models are queued first, so an ablation never waits on a full model that has not started
+            model_futures = {model: pool.submit(run_model, store, spec, model, config_dict, cmd_args, log, timeout,
+                                                isolate) for model in models}
+            futures = {future: (model, outcomes) for model, future in model_futures.items()}
+            futures.update({pool.submit(ablate, name, model_futures): (name, ablations) for name in ablations_to_train})
             for future in as_completed(futures):
-                outcomes[futures[future]] = future.result()
-                write(futures[future])
-    return {model: outcomes[model] for model in models} if train else outcomes
+                name, table = futures[future]
+                table[name] = future.result()
+                write(name)
+    if not train:
+        return {**outcomes, **ablations}
+    return {name: (outcomes if name in outcomes else ablations)[name] for name in models + ablations_to_train}
 
 
 def _machines(outcomes):
@@ -303,15 +412,18 @@ def _machines(outcomes):
                              for outcome in outcomes.values() for record in outcome["finals"]})) or "none"
 
 
-def _completeness(spec, outcomes):
+def _completeness(spec, outcomes, ablations=None):
     """Which rows are short of the spec: a table built while cells are still missing says so."""
+    ablations = ablations or {}
     absent = [model for model in spec["models"] if model not in outcomes]
-    short = [f"{model} ({len(outcome['finals'])} of {len(spec['seeds'])} seeds)" for model, outcome in outcomes.items()
-             if len(outcome["finals"]) < len(spec["seeds"])]
-    if not absent and not short:
-        return "Complete: every model of the spec on every seed."
+    not_ablated = [name for name in spec["ablations"] if name not in ablations]
+    short = [f"{model} ({len(outcome['finals'])} of {len(spec['seeds'])} seeds)"
+             for model, outcome in {**outcomes, **ablations}.items() if len(outcome["finals"]) < len(spec["seeds"])]
+    if not absent and not not_ablated and not short:
+        return "Complete: every model and ablation of the spec on every seed."
     return ("INCOMPLETE: " + "; ".join(part for part in (
         f"not tuned yet: {', '.join(absent)}" if absent else "",
+        f"ablations not run yet: {', '.join(not_ablated)}" if not_ablated else "",
         f"seeds still missing: {', '.join(short)}" if short else "") if part) + ".")
 
 
