@@ -1,6 +1,6 @@
 """Training-step profile of each model on Scientific, against the machine's own GEMM speed.
 
-    python benchmarks/bench_profile.py [--quick] [--models SASRec MMSASRec FMRLRec MMM4Rec]
+    python benchmarks/bench_profile.py [--quick] [--models SASRec MMSASRec FMRLRec MMM4Rec MMESID Speeder]
                                        [--widths default 64] [--steps 3] [--output FILE.md]
 
 For every (model, width) pair, in a fresh process (so peak RSS is that configuration's own), with one
@@ -19,6 +19,11 @@ torch thread:
 "default" is the model's own yaml (MMM4Rec: the authors' d=256, batch 1024); "64" sets hidden size 64
 with the settings of ``bench_mmm4rec.py`` (inner size 128, batch 1024; MMM4Rec head_dim 16, 8 groups,
 d_state 32). Item lists are cut to their last 20 items for every model (MMM4Rec's max_len).
+
+MMESID and Speeder are 64 wide by default, so they have a "default" row only. MMESID's row is its LLM
+stage (stage 3) on synthetic stage-1/2 files of the default shapes (random collaborative table, codes and
+codebooks: a step costs the same whatever their values). Speeder has one row per MPO stage (the parameters
+that stage trains; its ID table comes from a one-epoch SASRec, again only its values differ).
 ``--quick``: SASRec and MMM4Rec only, 2 measured steps. Writes a markdown table to ``--output``
 (default benchmarks/results/profile_scientific.md) and prints it.
 """
@@ -67,12 +72,50 @@ def width_settings(model, width, batch_size):
             "train_batch_size": batch_size or 1024, **model_settings(model, args)}
 
 
+WIDE_BY_DEFAULT = ("MMESID", "Speeder")  # their "default" rows are already 64 wide
+
+
+def synthetic_mmesid_stage_files(config_dict, root):
+    """Stage-1/2 files of MMESID's default shapes over every item of the copy (values random)."""
+    import torch
+    from recbole_mm.config import Config
+
+    config = Config("MMESID", "Scientific20", config_dict=config_dict)
+    tokens = set()
+    for split in ("train", "valid", "test"):
+        lines = (Path(config_dict["data_path"]) / "Scientific20" / f"Scientific20.{split}.inter").read_text().splitlines()
+        for line in lines[1:]:
+            _, items, item = line.split("\t")
+            tokens.update(items.split(" ") + [item])
+    tokens = sorted(tokens, key=int)
+    levels, codes = config["rqvae_levels"], config["rqvae_codebook_size"]
+    latent = config["rqvae_latent_dim"] or config["llm_hidden_size"]
+    channels = ["collab", *config["modalities"]]
+    collab, sid = root / "collab.pt", root / "sid.pt"
+    torch.save({"item_tokens": tokens, "embedding": torch.randn(len(tokens), config["collab_config"]["hidden_size"])},
+               collab)
+    torch.save({"item_tokens": tokens,
+                "codes": {name: torch.randint(0, codes, (len(tokens), levels)) for name in channels},
+                "codebooks": {name: torch.randn(levels, codes, latent) for name in channels}}, sid)
+    return {"mmesid_collab_file": str(collab), "mmesid_sid_file": str(sid)}
+
+
+def model_settings_for_profile(model, config_dict, root):
+    if model == "MMESID":
+        return synthetic_mmesid_stage_files(config_dict, root)
+    if model == "Speeder":
+        from recbole_mm.config import Config
+
+        id_sasrec = Config("Speeder", "Scientific20", config_dict=config_dict)["id_sasrec"]
+        return {"id_sasrec": {**id_sasrec, "epochs": 1}}
+    return {}
+
+
 def profile_one(model, width, steps, batch_size, queue):
-    """Child process: build, time, count and profile one configuration; put a result dict on ``queue``."""
+    """Child process: build, time, count and profile one configuration; put a list of result dicts on
+    ``queue`` (one per training stage: Speeder has three)."""
     try:
         import torch
-        from torch.profiler import ProfilerActivity, profile
-        from torch.utils.flop_counter import FlopCounterMode
 
         torch.set_num_threads(1)
         import logging
@@ -84,42 +127,57 @@ def profile_one(model, width, steps, batch_size, queue):
         os.chdir(tempfile.mkdtemp(prefix="bench_profile_"))
         data = write_scientific_copy(Path(tempfile.mkdtemp(prefix="scientific20_")), "Scientific20")
         config_dict = {**data, "show_progress": False, **width_settings(model, width, batch_size)}
+        config_dict.update(model_settings_for_profile(model, config_dict, Path(os.getcwd())))
         config, (train_data, _, _), net, trainer = build(model, "Scientific20", config_dict=config_dict)
         batches = [batch for _, batch in zip(range(steps + 3), train_data)]
         optimizer = trainer.optimizer
         net.train()
-
-        def step(batch):
-            optimizer.zero_grad()
-            net.calculate_loss(batch).backward()
-            optimizer.step()
-
-        clock = time.process_time
-        step(batches[0])  # warm-up
-        gemm = gemm_gflops(clock)
-        times = []
-        for index in range(steps):
-            start = clock()
-            step(batches[(1 + index) % len(batches)])
-            times.append(clock() - start)
-        with FlopCounterMode(display=False) as counter:
-            step(batches[1 % len(batches)])
-        flops = counter.get_total_flops()
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            step(batches[1 % len(batches)])
-        events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-        total = sum(e.self_cpu_time_total for e in events) or 1
-        top = [f"{e.key.replace('aten::', '')} {100 * e.self_cpu_time_total / total:.0f}%" for e in events[:5]]
-        step_s = sorted(times)[len(times) // 2]
-        queue.put({
-            "model": model, "width": width, "status": "ok", "hidden": config["hidden_size"],
-            "batch": config["train_batch_size"], "params": sum(p.numel() for p in net.parameters()),
-            "step_s": step_s, "gflop": flops / 1e9, "achieved": flops / step_s / 1e9, "gemm": gemm,
-            "steps_per_epoch": len(train_data), "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "top": top,
-        })
+        stages = net.training_stages() if hasattr(net, "training_stages") else [None]
+        results = []
+        for stage in stages:
+            if stage is not None:
+                net.enter_stage(stage)
+            results.append({"model": model if stage is None else f"{model} stage {stage.name}", "width": width,
+                            **time_steps(net, optimizer, batches, steps)})
+            results[-1].update({"hidden": config["hidden_size"] or config["llm_hidden_size"], "batch": config["train_batch_size"],
+                                "params": sum(p.numel() for p in net.parameters() if p.requires_grad),
+                                "steps_per_epoch": len(train_data)})
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        queue.put([{**result, "peak_rss_mib": peak} for result in results])
     except Exception as error:  # reported in the table, the other configurations still run
-        queue.put({"model": model, "width": width, "status": "failed", "error": f"{type(error).__name__}: {error}"})
+        queue.put([{"model": model, "width": width, "status": "failed", "error": f"{type(error).__name__}: {error}"}])
+
+
+def time_steps(net, optimizer, batches, steps):
+    """Step time, counted FLOPs, GEMM speed and top operators of ``net``'s training step on ``batches``."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def step(batch):
+        optimizer.zero_grad()
+        net.calculate_loss(batch).backward()
+        optimizer.step()
+
+    clock = time.process_time
+    step(batches[0])  # warm-up
+    gemm = gemm_gflops(clock)
+    times = []
+    for index in range(steps):
+        start = clock()
+        step(batches[(1 + index) % len(batches)])
+        times.append(clock() - start)
+    with FlopCounterMode(display=False) as counter:
+        step(batches[1 % len(batches)])
+    flops = counter.get_total_flops()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step(batches[1 % len(batches)])
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    top = [f"{e.key.replace('aten::', '')} {100 * e.self_cpu_time_total / total:.0f}%" for e in events[:5]]
+    step_s = sorted(times)[len(times) // 2]
+    return {"status": "ok", "step_s": step_s, "gflop": flops / 1e9, "achieved": flops / step_s / 1e9,
+            "gemm": gemm, "top": top}
 
 
 def run_isolated(model, width, steps, batch_size):
@@ -127,14 +185,14 @@ def run_isolated(model, width, steps, batch_size):
     queue = context.Queue()
     process = context.Process(target=profile_one, args=(model, width, steps, batch_size, queue))
     process.start()
-    result = queue.get()
+    results = queue.get()
     process.join()
-    return result
+    return results
 
 
 def markdown(rows, header):
     lines = [header, "",
-             "| model | width | batch | params | s / step (CPU) | s / epoch | GFLOP / step | achieved GFLOP/s | "
+             "| model | width | batch | trainable params | s / step (CPU) | s / epoch | GFLOP / step | achieved GFLOP/s | "
              "GEMM GFLOP/s | roofline ratio | x SASRec (same width) | peak RSS MiB | top-5 operators (self CPU) |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     sasrec = {row["width"]: row for row in rows if row["model"] == "SASRec" and row["status"] == "ok"}
@@ -154,7 +212,7 @@ def markdown(rows, header):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["SASRec", "MMSASRec", "FMRLRec", "MMM4Rec"])
+    parser.add_argument("--models", nargs="+", default=["SASRec", "MMSASRec", "FMRLRec", "MMM4Rec", "MMESID", "Speeder"])
     parser.add_argument("--widths", nargs="+", default=["default", "64"])
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch_size", type=int, default=0, help="override every model's train_batch_size (0: keep)")
@@ -170,8 +228,11 @@ def main():
     rows = []
     for width in args.widths:
         for model in args.models:
-            rows.append(run_isolated(model, width, args.steps, args.batch_size))
-            print(f"done {model} width {width}: {rows[-1].get('step_s', rows[-1].get('error'))}", flush=True)
+            if model in WIDE_BY_DEFAULT and width != "default":
+                continue
+            for row in run_isolated(model, width, args.steps, args.batch_size):
+                rows.append(row)
+                print(f"done {row['model']} width {width}: {row.get('step_s', row.get('error'))}", flush=True)
     header = (f"Scientific train split (item lists cut to the last 20), median of {args.steps} training steps "
               f"after a warm-up, each configuration in a fresh process, 1 torch thread, CPU time.\n"
               f"machine: {machine_description()} (load average {load_before:.1f} at start)")

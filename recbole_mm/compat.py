@@ -401,6 +401,20 @@ def _install_dok_update():
 _install_dok_update()
 
 
+# RecBole 1.2.1's sine.py calls torch.autograd.set_detect_anomaly(True) at import, and importing any of
+# RecBole's sequential models imports it: every backward of every model then checks each gradient for
+# NaN (an elementwise `ne` + `any` per autograd node, about a quarter of a SASRec training step on CPU)
+# and keeps forward stack traces. Anomaly mode is a debugging aid that changes no value; it is switched
+# off once those modules are loaded. Turn it on in your own script to debug a NaN.
+def _undo_recbole_anomaly_mode():
+    import recbole.model.sequential_recommender  # noqa: F401  (imports sine.py, which switches it on)
+
+    torch.autograd.set_detect_anomaly(False)
+
+
+_undo_recbole_anomaly_mode()
+
+
 def tensors_only(value):
     """A model's ``other_parameter()`` as tensors and plain data: RecBole's ItemKNN keeps scipy
     sparse matrices there, which only a pickle could store (``weights_only`` refuses pickles)."""

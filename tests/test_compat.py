@@ -7,6 +7,8 @@ the present values, empty sequence -> an all-padding row.
 """
 import contextlib
 import importlib.util
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -165,3 +167,18 @@ def test_benchmark_histories_keep_their_own_lengths(tmp_path, mode):
     tokens = dataset.field2id_token["item_id"]
     assert [list(tokens[ids]) for ids in dataset.inter_feat["item_id_list"]] == [
         ["i2"], ["i1", "i2", "i4"], ["i1", "i2"], ["i1", "i2", "i3"], ["i1"]]
+
+
+def test_recbole_anomaly_mode_is_switched_off_after_its_models_load():
+    """RecBole's sine.py turns autograd anomaly detection on at import (a NaN check on every backward
+    node); recbole-mm switches it off. Each check in a fresh interpreter, so import order is real."""
+    def anomaly_enabled(code):
+        out = subprocess.run([sys.executable, "-c", code + "; import torch; print(torch.is_anomaly_enabled())"],
+                             capture_output=True, text=True, check=True)
+        return out.stdout.strip().splitlines()[-1]
+
+    plain = ("import numpy as np; np.float_ = getattr(np, 'float_', np.float64); "
+             "np.complex_ = getattr(np, 'complex_', np.complex128); np.unicode_ = getattr(np, 'unicode_', np.str_); "
+             "import recbole.model.sequential_recommender")
+    assert anomaly_enabled(plain) == "True"  # what RecBole does alone (if this fails, drop the workaround)
+    assert anomaly_enabled("import recbole_mm; from recbole_mm.utils import get_model; get_model('SINE')") == "False"

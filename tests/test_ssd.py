@@ -369,6 +369,24 @@ def test_causal_conv_module_uses_conv1d_init_and_the_direct_sum(bias):
         torch.testing.assert_close(module(x), expected)
         plain = CausalDepthwiseConv1d(4, 3, bias=bias, activation=None)
         torch.testing.assert_close(plain(x), direct_causal_conv(x, plain.weight, plain.bias))
+def test_causal_conv_module_defaults_and_channels_last_form():
+    """A bias by default; channels_last=True takes and returns (batch, L, channels)."""
+    module = CausalDepthwiseConv1d(4, 3)
+    assert module.bias is not None and module.channels_last is False
+    last = CausalDepthwiseConv1d(4, 3, channels_last=True)
+    x = torch.randn(2, 6, 4)  # (batch, L, channels)
+    with torch.no_grad():
+        expected = F.silu(direct_causal_conv(x.transpose(1, 2), last.weight, last.bias)).transpose(1, 2)
+        torch.testing.assert_close(last(x), expected)
+
+
+def test_gated_rmsnorm_default_eps_is_1e_minus_6():
+    y, z = torch.full((1, 4), 1e-3, dtype=torch.float64), torch.full((1, 4), 2.0, dtype=torch.float64)
+    gated = y * z * torch.sigmoid(z)
+    expected = gated / torch.sqrt(gated.pow(2).mean() + 1e-6)
+    torch.testing.assert_close(GatedRMSNorm(4).double()(y, z), expected)
+
+
 @pytest.mark.parametrize("width", [2, 3, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_causal_conv1d_kernel_equals_torch_path_outputs_and_gradients(width, dtype):
@@ -458,3 +476,68 @@ def test_auto_dispatch_on_cpu_and_the_default_chunk_size(monkeypatch):
     ssd_mod.ssd(x, delta, A, B, C, D, chunk_size=9)
     assert calls == [("quadratic", 32), ("chunked", 33, 32), ("chunked", 9, 8), ("quadratic", 9)]
     assert ssd_mod.resolve_ssd_impl("auto", x) == "torch_chunked"
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("activation", [None, "silu"])
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_conv_dispatch_hands_the_kernel_channel_first_tensors_and_restores_the_layout(
+        monkeypatch, channels_last, activation, use_bias):
+    """The causal-conv1d branch on CPU, with the kernel replaced by the direct sum under the kernel's own
+    contract (x (batch, channels, L) with channel-last or contiguous strides, contiguous weight (channels,
+    width), activation by keyword): what reaches it and how its output comes back."""
+    calls = []
+
+    def fake_kernel(x, weight, bias, activation=None):
+        assert x.dim() == 3 and x.shape[1] == weight.shape[0] and (x.is_contiguous() or x.stride(1) == 1)
+        assert weight.is_contiguous() and weight.dim() == 2
+        calls.append(activation)
+        out = direct_causal_conv(x, weight, bias)
+        return F.silu(out) if activation == "silu" else out
+
+    monkeypatch.setattr(ssd_mod, "causal_conv1d_kernel", lambda: fake_kernel)
+    monkeypatch.setattr(ssd_mod, "causal_conv1d_kernel_supports", lambda x, width: 2 <= width <= 4)
+    gen = torch.Generator().manual_seed(7)
+    channels_first = torch.randn(2, 5, 8, generator=gen, dtype=torch.float64)
+    weight = torch.randn(3, 5, generator=gen, dtype=torch.float64).t()  # (5, 3), not contiguous
+    bias = torch.randn(5, generator=gen, dtype=torch.float64) if use_bias else None
+    expected = direct_causal_conv(channels_first, weight, bias)
+    expected = F.silu(expected) if activation == "silu" else expected
+    x = channels_first.transpose(1, 2) if channels_last else channels_first
+    for impl in ("causal_conv1d", "auto"):
+        out = causal_depthwise_conv1d(x, weight, bias, activation, impl=impl, channels_last=channels_last)
+        torch.testing.assert_close(out.transpose(1, 2) if channels_last else out, expected)
+        assert out.shape == x.shape
+    assert calls == [activation, activation]  # auto chose the kernel where it "supports" the input
+    # a width the kernel refuses stays in torch under auto and is refused by name when asked for
+    wide = torch.randn(5, 6, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(causal_depthwise_conv1d(channels_first, wide, None, impl="auto"),
+                               direct_causal_conv(channels_first, wide, None))
+    assert len(calls) == 2
+    with pytest.raises(RuntimeError, match="width 6"):
+        causal_depthwise_conv1d(channels_first, wide, impl="causal_conv1d")
+
+
+def test_conv_auto_falls_back_to_torch_when_the_kernel_is_missing(monkeypatch):
+    fallbacks = []
+    monkeypatch.setattr(ssd_mod, "causal_conv1d_kernel", lambda: None)
+    monkeypatch.setattr(ssd_mod, "causal_conv1d_kernel_supports", lambda x, width: True)
+    monkeypatch.setattr(ssd_mod, "_fall_back_on_cuda", fallbacks.append)
+    x, weight = torch.randn(2, 3, 6, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    torch.testing.assert_close(causal_depthwise_conv1d(x, weight, None, impl="auto"), direct_causal_conv(x, weight, None))
+    assert fallbacks == ["causal_conv1d"]
+
+
+def test_conv_impl_names_pick_their_implementation_on_cpu():
+    """auto and shifted run the shifted multiply-adds (its own backward), torch runs F.conv1d; each in
+    the layout whose output it returns untransposed."""
+    x = torch.randn(2, 6, 3, requires_grad=True)
+    weight = torch.randn(3, 4)
+
+    def op_name(impl, channels_last):
+        out = causal_depthwise_conv1d(x if channels_last else x.transpose(1, 2), weight, impl=impl,
+                                      channels_last=channels_last)
+        return type(out.grad_fn).__name__
+
+    assert "ShiftedCausalConv" in op_name("shifted", True) and op_name("auto", True) == op_name("shifted", True)
+    assert "Convolution" in op_name("torch", False)
