@@ -13,6 +13,8 @@ torch thread:
 - achieved GFLOP/s = FLOPs / step time, and the same process's plain fp32 GEMM GFLOP/s (a
   (20480 x 256) @ (256 x 1024) matmul, the shape of a projection over a 1024 x 20 batch), measured
   right before the steps; their ratio is the fraction of the GEMM roofline the step reaches;
+- the same steps again under autograd's anomaly mode, which RecBole 1.2.1 switches on for every model
+  at import (sine.py) and recbole_mm.compat switches off: what that switch buys;
 - peak resident memory of the process; the five operators with the most self CPU time in one
   profiled step (torch.profiler).
 
@@ -162,11 +164,18 @@ def time_steps(net, optimizer, batches, steps):
     clock = time.process_time
     step(batches[0])  # warm-up
     gemm = gemm_gflops(clock)
-    times = []
-    for index in range(steps):
-        start = clock()
-        step(batches[(1 + index) % len(batches)])
-        times.append(clock() - start)
+
+    def median_step_time():
+        times = []
+        for index in range(steps):
+            start = clock()
+            step(batches[(1 + index) % len(batches)])
+            times.append(clock() - start)
+        return sorted(times)[len(times) // 2]
+
+    step_s = median_step_time()
+    with torch.autograd.detect_anomaly(check_nan=True):  # what RecBole alone leaves on (recbole_mm.compat)
+        anomaly_step_s = median_step_time()
     with FlopCounterMode(display=False) as counter:
         step(batches[1 % len(batches)])
     flops = counter.get_total_flops()
@@ -175,9 +184,8 @@ def time_steps(net, optimizer, batches, steps):
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in events) or 1
     top = [f"{e.key.replace('aten::', '')} {100 * e.self_cpu_time_total / total:.0f}%" for e in events[:5]]
-    step_s = sorted(times)[len(times) // 2]
-    return {"status": "ok", "step_s": step_s, "gflop": flops / 1e9, "achieved": flops / step_s / 1e9,
-            "gemm": gemm, "top": top}
+    return {"status": "ok", "step_s": step_s, "anomaly_step_s": anomaly_step_s, "gflop": flops / 1e9,
+            "achieved": flops / step_s / 1e9, "gemm": gemm, "top": top}
 
 
 def run_isolated(model, width, steps, batch_size):
@@ -193,8 +201,9 @@ def run_isolated(model, width, steps, batch_size):
 def markdown(rows, header):
     lines = [header, "",
              "| model | width | batch | trainable params | s / step (CPU) | s / epoch | GFLOP / step | achieved GFLOP/s | "
-             "GEMM GFLOP/s | roofline ratio | x SASRec (same width) | peak RSS MiB | top-5 operators (self CPU) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "GEMM GFLOP/s | roofline ratio | x SASRec (same width) | s / step, anomaly mode on | peak RSS MiB | "
+             "top-5 operators (self CPU) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     sasrec = {row["width"]: row for row in rows if row["model"] == "SASRec" and row["status"] == "ok"}
     for row in rows:
         if row["status"] != "ok":
@@ -206,7 +215,7 @@ def markdown(rows, header):
             f"| {row['model']} | {row['width']} (d={row['hidden']}) | {row['batch']} | {row['params']:,} | "
             f"{row['step_s']:.2f} | {row['step_s'] * row['steps_per_epoch']:.0f} | {row['gflop']:.1f} | "
             f"{row['achieved']:.1f} | {row['gemm']:.1f} | {row['achieved'] / row['gemm']:.2f} | {ratio} | "
-            f"{row['peak_rss_mib']:.0f} | {', '.join(row['top'])} |")
+            f"{row['anomaly_step_s']:.2f} | {row['peak_rss_mib']:.0f} | {', '.join(row['top'])} |")
     return "\n".join(lines) + "\n"
 
 

@@ -330,15 +330,16 @@ class Speeder(MultimodalSequentialRecommender):
         return rows, torch.cat([history_tokens, extra_tokens], dim=1), item_mask
 
     def _inputs(self, rows, item_embeddings, item_mask):
+        """Padded token ids, their embeddings with the [item] slots filled, and the attention mask."""
         input_ids, attention_mask = pad_rows(rows, self.prompt.pad, item_embeddings.device)
-        return self.llm.build_inputs_embeds(input_ids, item_embeddings, item_mask), attention_mask
+        return input_ids, self.llm.build_inputs_embeds(input_ids, item_embeddings, item_mask), attention_mask
 
     def _answer_loss(self, rows, item_embeddings, item_mask, answers):
         """Eq. 19: token-level cross-entropy on each row's answer (label/yes/no, then </s>)."""
         answer_tokens = torch.stack([answers, torch.full_like(answers, self.prompt.eos)], dim=1)
         starts = torch.tensor([len(row) for row in rows], device=answers.device)
         full_rows = [row + pair for row, pair in zip(rows, answer_tokens.tolist())]
-        inputs_embeds, attention_mask = self._inputs(full_rows, item_embeddings, item_mask)
+        _, inputs_embeds, attention_mask = self._inputs(full_rows, item_embeddings, item_mask)
         states = self.llm.hidden_states(inputs_embeds, attention_mask)
         positions = torch.stack([starts - 1, starts], dim=1)  # the states that predict the answer tokens
         picked = states.gather(1, positions.unsqueeze(-1).expand(-1, -1, states.shape[-1]))
@@ -350,9 +351,8 @@ class Speeder(MultimodalSequentialRecommender):
         final state (times W, identity at init), not a fixed LM-head row: the answer needs no attention
         hop to the right slot and no copy of its label, the circuit an untrained backbone does not find
         on a CPU budget (docs/models/Speeder.md). Scaled by 1/sqrt(hidden size) as attention scores."""
-        input_ids, attention_mask = pad_rows(rows, self.prompt.pad, item_embeddings.device)
-        states = self.llm.hidden_states(self.llm.build_inputs_embeds(input_ids, item_embeddings, item_mask),
-                                        attention_mask)
+        input_ids, inputs_embeds, attention_mask = self._inputs(rows, item_embeddings, item_mask)
+        states = self.llm.hidden_states(inputs_embeds, attention_mask)
         batch = torch.arange(len(rows), device=states.device)
         answer = self.pointer(states[batch, attention_mask.sum(dim=1) - 1])
         placeholders = input_ids == self.prompt.placeholder
@@ -396,7 +396,8 @@ class Speeder(MultimodalSequentialRecommender):
         rows, items, mask = self._assemble(histories, lengths, candidates, "recommend")
         if self.answer_head == "pointer":
             return self._pointer_logits(rows, items, mask, candidates.shape[1])
-        logits = self.llm.next_token_logits(*self._inputs(rows, items, mask))
+        _, inputs_embeds, attention_mask = self._inputs(rows, items, mask)
+        logits = self.llm.next_token_logits(inputs_embeds, attention_mask)
         label_ids = torch.tensor(self.prompt.label_ids[: candidates.shape[1]], device=logits.device)
         return logits[:, label_ids].float()
 
@@ -406,7 +407,7 @@ class Speeder(MultimodalSequentialRecommender):
         Returns the slots and the generated ids (B, max_new_tokens; </s>-padded)."""
         histories, lengths = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
         rows, items, mask = self._assemble(histories, lengths, candidates, "recommend")
-        inputs_embeds, attention_mask = self._inputs(rows, items, mask)
+        _, inputs_embeds, attention_mask = self._inputs(rows, items, mask)
         ends = attention_mask.sum(dim=1)
         batch = torch.arange(len(rows), device=ends.device)
         generated = torch.full((len(rows), self.max_new_tokens), self.prompt.eos, dtype=torch.long, device=ends.device)
