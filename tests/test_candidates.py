@@ -157,12 +157,17 @@ def test_hr_at_1_divides_by_the_valid_rows_even_when_one_or_none_is_valid():
     assert HR(config).calculate_metric(nothing_valid) == {"hr@1": 0.0}
 
 
-def test_candidate_metrics_are_registered_in_recbole_tables_by_lower_case_name():
-    """RecBole's Config check and Evaluator look metrics up by lower-case name in these module dicts."""
+def test_candidate_metrics_are_registered_in_recbole_tables_by_lower_case_name(monkeypatch):
+    """RecBole's Config check and Evaluator look metrics up by lower-case name in these module dicts.
+    The tables start without them (import already registered them once)."""
     from recbole.evaluator import register as recbole_register
 
     from recbole_mm.evaluator.candidate_metrics import HR, VHR, ValidRatio, register_candidate_metrics
 
+    ours = {"hr", "validratio", "vhr"}
+    for table in ("metrics_dict", "metric_information", "metric_types"):
+        kept = {key: value for key, value in getattr(recbole_register, table).items() if key not in ours}
+        monkeypatch.setattr(recbole_register, table, kept)
     register_candidate_metrics()
     for name, metric in (("hr", HR), ("validratio", ValidRatio), ("vhr", VHR)):
         assert recbole_register.metrics_dict[name] is metric

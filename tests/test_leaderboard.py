@@ -135,7 +135,7 @@ def test_leaderboard_tunes_on_valid_trains_seeds_and_resumes(scientific_dir, in_
     assert set(report) == {"SASRec", "MMSASRec"}
     table = (output / "table.md").read_text()
     missing = ", ".join(f"{model} (2 of 3 seeds)" for model in spec["models"] if model != "GRU4Rec")
-    assert f"INCOMPLETE: not tuned yet: GRU4Rec; seeds still missing: {missing}." in table
+    assert f"INCOMPLETE: not run yet: GRU4Rec; seeds still missing: {missing}." in table
     assert not list((output / "cells").glob("GRU4Rec_*")) and not list((output / "cells").glob("*seed2022*"))
 
 

@@ -240,3 +240,21 @@ def test_block_errors_name_the_setting():
         MultimodalItemCompressor({}, hidden_size=8, output_size=10)
     with pytest.raises(KeyError, match=r"unknown modalities \['audio'\]; this compressor has \['text', 'image', 'id'\]"):
         make_compressor()({"text": torch.randn(2, 6), "audio": torch.randn(2, 3)})
+
+
+def test_no_attention_row_is_fully_masked_for_an_item_without_modalities():
+    """Every key masked would be a softmax over -inf (NaN where torch does not special-case it): an item
+    with no modality attends over all its tokens instead; the others mask exactly their absent ones."""
+    compressor = make_compressor()
+    masks = []
+    for layer in (*compressor.modality_layers, *compressor.multimodal_layers):
+        layer.attention.register_forward_pre_hook(
+            lambda module, args, kwargs: masks.append(kwargs["key_padding_mask"].clone()), with_kwargs=True)
+    present = {"text": torch.tensor([1, 0, 1], dtype=torch.bool), "image": torch.tensor([1, 1, 0], dtype=torch.bool),
+               "id": torch.tensor([0, 1, 0], dtype=torch.bool)}
+    compressor(features(n=3), present)
+    expected = torch.tensor([[False, False, True], [True, False, False], [False, True, True]])
+    assert len(masks) == 2 and all(torch.equal(mask, expected) for mask in masks)
+    masks.clear()
+    compressor(features(n=3), {m: torch.tensor([1, 1, 0], dtype=torch.bool) for m in present})
+    assert all(torch.equal(mask, torch.zeros(3, 3, dtype=torch.bool)) for mask in masks)  # item 2: none present

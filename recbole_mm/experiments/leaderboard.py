@@ -422,7 +422,7 @@ def _completeness(spec, outcomes, ablations=None):
     if not absent and not not_ablated and not short:
         return "Complete: every model and ablation of the spec on every seed."
     return ("INCOMPLETE: " + "; ".join(part for part in (
-        f"not tuned yet: {', '.join(absent)}" if absent else "",
+        f"not run yet: {', '.join(absent)}" if absent else "",
         f"ablations not run yet: {', '.join(not_ablated)}" if not_ablated else "",
         f"seeds still missing: {', '.join(short)}" if short else "") if part) + ".")
 
