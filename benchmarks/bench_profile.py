@@ -41,7 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from recbole_mm.utils.atomic import write_text_atomic  # noqa: E402
+from recbole_mm.utils.atomic import torch_save_atomic, write_text_atomic  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GEMM_SHAPE = (20480, 256, 1024)
@@ -94,11 +94,11 @@ def synthetic_mmesid_stage_files(config_dict, root):
     latent = config["rqvae_latent_dim"] or config["llm_hidden_size"]
     channels = ["collab", *config["modalities"]]
     collab, sid = root / "collab.pt", root / "sid.pt"
-    torch.save({"item_tokens": tokens, "embedding": torch.randn(len(tokens), config["collab_config"]["hidden_size"])},
-               collab)
-    torch.save({"item_tokens": tokens,
-                "codes": {name: torch.randint(0, codes, (len(tokens), levels)) for name in channels},
-                "codebooks": {name: torch.randn(levels, codes, latent) for name in channels}}, sid)
+    torch_save_atomic({"item_tokens": tokens,
+                       "embedding": torch.randn(len(tokens), config["collab_config"]["hidden_size"])}, collab)
+    torch_save_atomic({"item_tokens": tokens,
+                       "codes": {name: torch.randint(0, codes, (len(tokens), levels)) for name in channels},
+                       "codebooks": {name: torch.randn(levels, codes, latent) for name in channels}}, sid)
     return {"mmesid_collab_file": str(collab), "mmesid_sid_file": str(sid)}
 
 

@@ -499,7 +499,7 @@ def test_conv_dispatch_hands_the_kernel_channel_first_tensors_and_restores_the_l
         return F.silu(out) if activation == "silu" else out
 
     monkeypatch.setattr(ssd_mod, "causal_conv1d_kernel", lambda: fake_kernel)
-    monkeypatch.setattr(ssd_mod, "causal_conv1d_kernel_supports", lambda x, width: 2 <= width <= 4)
+    monkeypatch.setattr(ssd_mod, "causal_conv1d_kernel_supports", lambda x, width: x.dim() == 3 and 2 <= width <= 4)
     gen = torch.Generator().manual_seed(7)
     channels_first = torch.randn(2, 5, 8, generator=gen, dtype=torch.float64)
     weight = torch.randn(3, 5, generator=gen, dtype=torch.float64).t()  # (5, 3), not contiguous
@@ -517,8 +517,43 @@ def test_conv_dispatch_hands_the_kernel_channel_first_tensors_and_restores_the_l
     torch.testing.assert_close(causal_depthwise_conv1d(channels_first, wide, None, impl="auto"),
                                direct_causal_conv(channels_first, wide, None))
     assert len(calls) == 2
-    with pytest.raises(RuntimeError, match="width 6"):
+    with pytest.raises(RuntimeError, match=r"^conv impl causal_conv1d needs the causal-conv1d package and CUDA tensors "
+                                           r"of dtype fp32/fp16/bf16 with width 2..4 \(got cpu torch.float64, width 6\); "
+                                           r"use conv_impl: auto$"):
         causal_depthwise_conv1d(channels_first, wide, impl="causal_conv1d")
+
+
+def test_conv_kernel_reads_a_channels_last_input_in_place_and_gets_other_layouts_contiguous(monkeypatch):
+    received = []
+    monkeypatch.setattr(ssd_mod, "causal_conv1d_kernel", lambda: lambda x, weight, bias, activation=None:
+                        received.append(x) or direct_causal_conv(x, weight, bias))
+    monkeypatch.setattr(ssd_mod, "causal_conv1d_kernel_supports", lambda x, width: True)
+    weight = torch.randn(4, 3, dtype=torch.float64)
+    channels_last = torch.randn(2, 6, 4, dtype=torch.float64)  # a projection's (batch, L, channels) output
+    causal_depthwise_conv1d(channels_last, weight, impl="causal_conv1d", channels_last=True)
+    assert received[-1].data_ptr() == channels_last.data_ptr() and received[-1].stride(1) == 1  # no copy
+    strided = torch.randn(2, 4, 12, dtype=torch.float64)[:, :, ::2]  # (batch, channels, L), every other step
+    out = causal_depthwise_conv1d(strided, weight, impl="causal_conv1d")
+    assert received[-1].is_contiguous()
+    torch.testing.assert_close(out, direct_causal_conv(strided, weight, None))
+
+
+def test_torch_conv_impl_in_the_channels_last_layout():
+    gen = torch.Generator().manual_seed(9)
+    x, weight = torch.randn(2, 7, 3, generator=gen, dtype=torch.float64), torch.randn(3, 4, generator=gen, dtype=torch.float64)
+    bias = torch.randn(3, generator=gen, dtype=torch.float64)
+    out = causal_depthwise_conv1d(x, weight, bias, "silu", impl="torch", channels_last=True)
+    torch.testing.assert_close(out, F.silu(direct_causal_conv(x.transpose(1, 2), weight, bias)).transpose(1, 2))
+
+
+def test_segment_sum_over_any_leading_dimensions_equals_the_loop():
+    a = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    out = ssd_mod.segment_sum(a)
+    assert out.shape == (2, 3, 4, 5, 5)
+    for t in range(5):
+        for s_ in range(5):
+            expected = a[..., s_ + 1:t + 1].sum(-1) if t >= s_ else torch.full(a.shape[:-1], float("-inf"), dtype=a.dtype)
+            torch.testing.assert_close(out[..., t, s_], expected)
 
 
 def test_conv_auto_falls_back_to_torch_when_the_kernel_is_missing(monkeypatch):
@@ -566,6 +601,7 @@ def test_kernels_are_imported_from_the_names_their_packages_publish(monkeypatch)
     monkeypatch.setitem(sys.modules, "causal_conv1d", None)  # importing it now raises ImportError
     assert ssd_mod.causal_conv1d_kernel() is None
     assert isinstance(ssd_mod.causal_conv1d_import_error(), ImportError)
+    assert ssd_mod.mamba_chunk_scan_kernel() is scan and ssd_mod.mamba_import_error() is None  # each its own
     assert ssd_mod.kernel_package_installed("torch") and not ssd_mod.kernel_package_installed("no_such_kernel_pkg")
 
 
@@ -614,5 +650,30 @@ def test_mamba_kernel_glue_under_the_kernels_contract(monkeypatch, use_D):
     assert seen == {"chunk_size": 16, "D": None, "z": None, "dt_bias": None, "dt_softplus": False}
     with pytest.raises(ValueError, match="delta must be"):
         ssd_mod.ssd_mamba_kernel(x.as_subclass(_LooksLikeCuda), delta[:, :4], A, B, C, D)
-    with pytest.raises(RuntimeError, match="needs CUDA tensors and the mamba-ssm package"):
+    with pytest.raises(ValueError, match="D must be"):
+        ssd_mod.ssd_mamba_kernel(*(t.as_subclass(_LooksLikeCuda) for t in (x, delta, A, B, C)), torch.ones(3))
+    with pytest.raises(RuntimeError, match=r"^ssd_impl=mamba_ssm needs CUDA tensors and the mamba-ssm package "
+                                           r"\(pip install 'recbole-mm\[cuda\]'\); use ssd_impl: auto or torch_chunked otherwise$"):
         ssd_mod.ssd_mamba_kernel(x, delta, A, B, C, D)  # a plain CPU tensor
+
+
+def test_causal_conv1d_kernel_takes_widths_2_to_4_in_fp32_fp16_bf16_on_cuda_only():
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        on_cuda = torch.zeros(1, 2, 3, dtype=dtype).as_subclass(_LooksLikeCuda)
+        supported = [width for width in range(1, 6) if ssd_mod.causal_conv1d_kernel_supports(on_cuda, width)]
+        assert supported == ([] if dtype == torch.float64 else [2, 3, 4])
+    assert not ssd_mod.causal_conv1d_kernel_supports(torch.zeros(1, 2, 3), 3)
+
+
+@pytest.mark.parametrize("needs", ["x", "weight"])
+def test_shifted_conv_backward_gives_exactly_the_gradients_asked_for(needs):
+    gen = torch.Generator().manual_seed(3)
+    x, weight = torch.randn(2, 7, 3, generator=gen, dtype=torch.float64), torch.randn(3, 4, generator=gen, dtype=torch.float64)
+    (x if needs == "x" else weight).requires_grad_(True)
+    causal_depthwise_conv1d(x, weight, impl="shifted", channels_last=True).pow(2).sum().backward()
+    reference_x, reference_weight = x.detach().clone().requires_grad_(True), weight.detach().clone().requires_grad_(True)
+    conv1d_reference(reference_x.transpose(1, 2), reference_weight, None, None).pow(2).sum().backward()
+    if needs == "x":
+        torch.testing.assert_close(x.grad, reference_x.grad)
+    else:
+        torch.testing.assert_close(weight.grad, reference_weight.grad)
