@@ -407,3 +407,65 @@ def test_tokenizer_training_reseeds_only_when_asked():
     assert not any(key.startswith("reseeded_") for epoch in runs[False] for key in epoch)
     assert {"reseeded_collab", "reseeded_text", "reseeded_image"} <= set(runs[True][0])
     assert "reseeded_text" not in runs[True][-1]  # the last epoch's codes are the final ones
+
+
+def brute_force_constrained_cost(distances, size_min, size_max):
+    n_points, n_clusters = distances.shape
+    feasible = [a for a in itertools.product(range(n_clusters), repeat=n_points)
+                if all(size_min <= a.count(j) <= size_max for j in range(n_clusters))]
+    return min(sum(distances[i, a[i]].item() for i in range(n_points)) for a in feasible)
+
+
+@pytest.mark.parametrize("low, high", [(0.0, 0.05), (-1.0, -0.95)])
+def test_size_constrained_assignment_with_costs_in_a_narrow_or_negative_range(low, high):
+    """The mandatory-slot bonus must outweigh any cost difference whatever the costs' range and sign."""
+    generator = torch.Generator().manual_seed(1)
+    distances = low + (high - low) * torch.rand(6, 3, generator=generator, dtype=torch.float64)
+    distances[:, 0] = low  # without the size bounds every point would join cluster 0
+    labels = size_constrained_assignment(distances, size_min=1, size_max=4).tolist()
+    assert all(1 <= labels.count(j) <= 4 for j in range(3))
+    assert abs(sum(distances[i, labels[i]].item() for i in range(6)) - brute_force_constrained_cost(distances, 1, 4)) < 1e-12
+
+
+def test_size_constrained_assignment_accepts_exactly_full_bounds_and_names_an_infeasible_one():
+    distances = torch.rand(6, 3, dtype=torch.float64)
+    assert len(size_constrained_assignment(distances, size_min=1, size_max=2)) == 6  # 6 = 3 x size_max
+    assert len(size_constrained_assignment(distances, size_min=2, size_max=3)) == 6  # 6 = 3 x size_min
+    with pytest.raises(ValueError, match=r"^cannot put 6 points into 3 clusters of 3-4 points\.$"):
+        size_constrained_assignment(distances, size_min=3, size_max=4)
+    with pytest.raises(ValueError, match=r"^cannot put 6 points into 3 clusters of 1-1 points\.$"):
+        size_constrained_assignment(distances, size_min=1, size_max=1)
+
+
+def test_constrained_kmeans_takes_as_many_points_as_codes_and_its_own_generator():
+    points = torch.randn(4, 2, generator=torch.Generator().manual_seed(0))
+    centres, labels = constrained_kmeans(points, 4, size_bounds=(1, 1))
+    assert sorted(labels.tolist()) == [0, 1, 2, 3]  # four points, four codes: one each
+    with pytest.raises(ValueError, match=r"^k-means codebook init needs at least as many items in the first batch "
+                                         r"\(3\) as codes \(4\): raise rqvae_batch_size or lower rqvae_codebook_size\.$"):
+        constrained_kmeans(points[:3], 4)
+    many = torch.randn(40, 2, generator=torch.Generator().manual_seed(1))
+    runs = []
+    for global_seed in (0, 1):
+        torch.manual_seed(global_seed)  # the global RNG must not matter, only the generator given
+        runs.append(constrained_kmeans(many, 4, n_iters=2, generator=torch.Generator().manual_seed(5))[0])
+    torch.testing.assert_close(runs[0], runs[1])
+
+
+def test_collision_statistics_counts_pairs_and_reports_every_key():
+    codes = torch.tensor([[0, 1], [0, 1], [2, 3], [4, 5], [4, 6]])
+    assert collision_statistics(codes) == {
+        "items": 5, "distinct_ids": 4, "colliding_items": 2, "collision_rate": 0.4, "max_items_per_id": 2,
+        "codes_used_per_level": [3, 4]}
+    empty = collision_statistics(torch.zeros(0, 2, dtype=torch.long))
+    assert empty["max_items_per_id"] == 0 and empty["colliding_items"] == 0 and empty["items"] == 0
+
+
+def test_reconstruction_quality_is_per_row_and_names_its_keys():
+    features = torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]])
+    reconstruction = torch.tensor([[1.0, 1.0, 0.0], [0.0, 2.0, 2.0]])
+    quality = reconstruction_quality(features, reconstruction)
+    assert set(quality) == {"mse", "cosine", "relative_error"}
+    assert quality["cosine"] == pytest.approx(1 / math.sqrt(2))  # each row at 45 degrees
+    assert quality["relative_error"] == pytest.approx((1.0 + 1.0) / 2)  # ||(0,1,0)||/1 and ||(0,0,2)||/2
+    assert quality["mse"] == pytest.approx((1 + 4) / 6)
