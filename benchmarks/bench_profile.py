@@ -231,8 +231,11 @@ def main():
     if args.quick:
         args.models, args.steps = [m for m in args.models if m in ("SASRec", "MMM4Rec")], 2
 
+    import torch
+
     from recbole_mm.experiments.measure import machine_description
 
+    torch.set_num_threads(1)  # the machine line names the configurations' thread count
     load_before = os.getloadavg()[0]
     rows = []
     for width in args.widths:
