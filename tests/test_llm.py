@@ -218,3 +218,34 @@ def test_pretrained_encoder_checkpoint_runs_as_a_causal_lora_backbone(tmp_path):
         assert not torch.allclose(reloaded.hidden_states(reloaded.embed_tokens(first), mask), a)
         torch.testing.assert_close(reloaded.hidden_states(reloaded.embed_tokens(first), mask),
                                    backbone.hidden_states(backbone.embed_tokens(first), mask))
+
+
+def test_ensure_tokens_adds_only_missing_tokens_as_special_and_grows_the_embeddings():
+    from recbole_mm.model.layers.llm import ensure_tokens
+
+    backbone = tiny_backbone("full")
+    tokenizer, model = backbone.tokenizer, backbone.model
+    rows = model.get_input_embeddings().weight.shape[0]
+    assert ensure_tokens(tokenizer, model, [ITEM_PLACEHOLDER]) == 0  # already there: nothing changes
+    assert model.get_input_embeddings().weight.shape[0] == rows
+    assert ensure_tokens(tokenizer, model, ["<answer>", ITEM_PLACEHOLDER]) == 1
+    new_id = tokenizer.convert_tokens_to_ids("<answer>")
+    assert new_id != tokenizer.unk_token_id and tokenizer.added_tokens_decoder[new_id].special
+    assert model.get_input_embeddings().weight.shape[0] == len(tokenizer) == rows + 1
+
+
+def test_encoder_only_checkpoints_are_told_from_language_models():
+    """Encoder families keep ``is_decoder`` (False unless set); decoder-only families have none in
+    transformers 5, so a bare LlamaModel checkpoint is causal, not an encoder (it raised AttributeError)."""
+    from transformers import BertConfig, GPT2Config, LlamaConfig, T5Config
+
+    from recbole_mm.model.layers.llm import is_encoder_only
+
+    assert is_encoder_only(BertConfig(architectures=["BertModel"]))
+    assert not is_encoder_only(BertConfig(architectures=["BertModel"], is_decoder=True))
+    assert not is_encoder_only(BertConfig(architectures=["BertLMHeadModel"]))
+    assert not is_encoder_only(GPT2Config(architectures=["GPT2LMHeadModel"]))
+    assert not is_encoder_only(LlamaConfig(architectures=["LlamaForCausalLM"]))
+    assert not is_encoder_only(LlamaConfig(architectures=["LlamaModel"]))
+    assert not is_encoder_only(T5Config(architectures=["T5Model"]))  # encoder-decoder
+    assert not is_encoder_only(BertConfig())  # no architectures recorded: not judged an encoder

@@ -130,10 +130,14 @@ def build_small_llama(
 
 
 def is_encoder_only(config) -> bool:
-    """A checkpoint saved as a bare encoder (architectures like ``BertModel``), not as a language model."""
+    """A checkpoint saved as a bare encoder (architectures like ``BertModel``), not as a language model.
+
+    Decoder-only config classes (Llama, GPT-2, ...) have no ``is_decoder`` in transformers 5: they are
+    causal whatever their saved architecture (a bare ``LlamaModel`` too)."""
     architectures = config.architectures or []
     language_model = any(name.endswith(("ForCausalLM", "LMHeadModel")) for name in architectures)
-    return bool(architectures) and not language_model and not config.is_decoder and not config.is_encoder_decoder
+    decoder = getattr(config, "is_decoder", True)
+    return bool(architectures) and not language_model and not decoder and not config.is_encoder_decoder
 
 
 def four_bit_available() -> bool:
