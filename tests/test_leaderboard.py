@@ -84,18 +84,23 @@ def test_office_trains_the_points_scientific_tuning_chose():
         assert trial_points(space) == [best[model][1]], model
 
 
-def test_leaderboard_tunes_on_valid_trains_seeds_and_resumes(scientific_dir, in_tmp_cwd):
-    data = in_tmp_cwd / "data"
-    write_scientific_slice(scientific_dir, data, n_users=80)
-    budget = in_tmp_cwd / "budget.yaml"
-    budget.write_text(yaml.safe_dump({
+def write_slice_budget(path, data, **training):
+    """A config file for the Scientific slice at ``data`` (benchmark split, text + image) with tiny sizes."""
+    path.write_text(yaml.safe_dump({
         "data_path": str(data), "benchmark_filename": ["train", "valid", "test"], "alias_of_item_id": ["item_id_list"],
         "load_col": {"inter": ["user_id", "item_id_list", "item_id"]}, "TIME_FIELD": None,
         "modalities": ["text", "image"],
         "feature_tables": {"text": {"path": "SciSlice.feat1CLS", "dim": 512},
                            "image": {"path": "SciSlice.feat3CLS", "dim": 512}},
-        "epochs": 2, "stopping_step": 10, "hidden_size": 16, "inner_size": 32, "n_layers": 1,
-        "train_batch_size": 256, "eval_batch_size": 256}))
+        "hidden_size": 16, "inner_size": 32, "n_layers": 1, "train_batch_size": 256, "eval_batch_size": 256,
+        **training}))
+    return path
+
+
+def test_leaderboard_tunes_on_valid_trains_seeds_and_resumes(scientific_dir, in_tmp_cwd):
+    data = in_tmp_cwd / "data"
+    write_scientific_slice(scientific_dir, data, n_users=80)
+    budget = write_slice_budget(in_tmp_cwd / "budget.yaml", data, epochs=2, stopping_step=10)
     spec_path = in_tmp_cwd / "spec.yaml"
     spec_path.write_text(yaml.safe_dump({
         "dataset": "SciSlice", "reference": "SASRec", "metric": "ndcg@10", "seeds": [2020, 2021],
@@ -142,15 +147,7 @@ def test_leaderboard_tunes_on_valid_trains_seeds_and_resumes(scientific_dir, in_
 def test_ablation_trains_the_full_models_best_point_with_the_switch_and_compares_with_it(scientific_dir, in_tmp_cwd):
     data = in_tmp_cwd / "data"
     write_scientific_slice(scientific_dir, data, n_users=60)
-    budget = in_tmp_cwd / "budget.yaml"
-    budget.write_text(yaml.safe_dump({
-        "data_path": str(data), "benchmark_filename": ["train", "valid", "test"], "alias_of_item_id": ["item_id_list"],
-        "load_col": {"inter": ["user_id", "item_id_list", "item_id"]}, "TIME_FIELD": None,
-        "modalities": ["text", "image"],
-        "feature_tables": {"text": {"path": "SciSlice.feat1CLS", "dim": 512},
-                           "image": {"path": "SciSlice.feat3CLS", "dim": 512}},
-        "epochs": 1, "hidden_size": 16, "inner_size": 32, "n_layers": 1,
-        "train_batch_size": 256, "eval_batch_size": 256}))
+    budget = write_slice_budget(in_tmp_cwd / "budget.yaml", data, epochs=1)
     spec_path = in_tmp_cwd / "spec.yaml"
     base = {"dataset": "SciSlice", "reference": "SASRec", "metric": "ndcg@10", "seeds": [2020],
             "config_files": [str(budget)], "models": {"SASRec": {}, "MMSASRec": {"learning_rate": [0.01, 0.001]}},
