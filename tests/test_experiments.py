@@ -17,7 +17,7 @@ from recbole_mm.experiments.table import main as experiments_main
 from recbole_mm.experiments.summary import summarize
 from recbole_mm.experiments.table import run_table
 from recbole_mm.experiments.writers import write_markdown
-from recbole_mm.experiments.hashing import config_hash, effective_config
+from recbole_mm.experiments.hashing import config_hash, dataset_fingerprint, effective_config
 from recbole_mm.experiments.tune import tune
 from tests.conftest import import_extra, scientific_slice_config, write_scientific_slice
 
@@ -101,6 +101,28 @@ def test_cell_hash_follows_the_dataset_files_not_their_folder(scientific_dir, tm
 
     assert hash_for(tmp_path / "a") == hash_for(tmp_path / "b")
     assert hash_for(tmp_path / "c") != hash_for(tmp_path / "a")
+
+
+def test_dataset_fingerprint_covers_feature_files_outside_the_top_level(tmp_path):
+    import hashlib
+    folder, elsewhere = tmp_path / "D", tmp_path / "elsewhere"
+    (folder / "features").mkdir(parents=True)
+    elsewhere.mkdir()
+    files = {folder / "D.inter": b"inter", folder / "D.text.npy": b"top", folder / "D.manifest.json": b"when",
+             folder / "features" / "image.npy": b"sub", folder / "features" / "image.mask.npy": b"mask",
+             elsewhere / "audio.npy": b"far"}
+    for path, content in files.items():
+        path.write_bytes(content)
+    config = {"dataset": "D", "data_path": str(folder), "feature_tables": {
+        "text": "D.text.npy", "image": {"path": "features/image.npy", "mask": "features/image.mask.npy"},
+        "audio": {"path": str(elsewhere / "audio.npy")}}}
+    sha = lambda content: hashlib.sha256(content).hexdigest()  # noqa: E731
+    assert dataset_fingerprint(config) == {
+        "D.inter": sha(b"inter"), "D.text.npy": sha(b"top"),  # top-level files once, under their names
+        "feature_tables.image": sha(b"sub"), "feature_tables.image.mask": sha(b"mask"),
+        "feature_tables.audio": sha(b"far")}  # not the manifest: no run reads it
+    (folder / "features" / "image.mask.npy").write_bytes(b"other mask")  # a changed subfolder file is new data
+    assert dataset_fingerprint(config)["feature_tables.image.mask"] == sha(b"other mask")
 
 
 def _spawned_children(pid):

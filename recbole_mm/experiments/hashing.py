@@ -56,16 +56,27 @@ def _file_digest(path):
 
 def dataset_fingerprint(config):
     """Names and contents of the files a run reads: the top-level files of its dataset folder plus
-    feature tables stored elsewhere. Two datasets that share a name but not their data get different
-    cells; the same data in another folder keeps its cells."""
+    every feature table or mask stored elsewhere (another folder, or a subfolder of this one, as a
+    relative path in ``feature_tables`` resolves against the dataset folder). Two datasets that share
+    a name but not their data get different cells; the same data in another folder keeps its cells.
+    The converters' ``<dataset>.manifest.json`` is left out: no run reads it, and it records where and
+    when the raw files were copied (their paths and modification times), so a conversion of the same
+    raw files on another machine would otherwise lose every stored cell."""
     folder = config.get("data_path")
     if not folder or not os.path.isdir(folder):
         return None
-    files = {path.name: path for path in Path(folder).iterdir() if path.is_file()}
+    folder = Path(folder)
+    files = {path.name: path for path in folder.iterdir()
+             if path.is_file() and path.name != f"{config.get('dataset')}.manifest.json"}
+    top_level = {path.resolve() for path in files.values()}
     for name, entry in (config.get("feature_tables") or {}).items():
-        path = Path(entry["path"] if isinstance(entry, dict) else entry)
-        if path.is_absolute() and path.is_file():
-            files[f"feature_tables.{name}"] = path
+        entry = entry if isinstance(entry, dict) else {"path": entry}
+        for key, label in (("path", f"feature_tables.{name}"), ("mask", f"feature_tables.{name}.mask")):
+            if not entry.get(key):
+                continue
+            path = folder / entry[key]  # an absolute path stays itself
+            if path.is_file() and path.resolve() not in top_level:
+                files[label] = path
     return {name: _file_digest(path) for name, path in sorted(files.items())}
 
 
