@@ -132,8 +132,11 @@ def _spawned_children(pid):
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads the process tree from /proc")
-@pytest.mark.parametrize("command", ["table", "leaderboard"])
-def test_stopping_the_runner_stops_the_cell_it_is_training(slice_config, tmp_path, in_tmp_cwd, command):
+# SIGKILL: no handler runs (as for a SIGTERM to a script that calls run_leaderboard itself); the kernel
+# must take the cell down with the runner
+@pytest.mark.parametrize("command, signum", [("table", signal.SIGTERM), ("leaderboard", signal.SIGTERM),
+                                             ("leaderboard", signal.SIGKILL)])
+def test_stopping_the_runner_stops_the_cell_it_is_training(slice_config, tmp_path, in_tmp_cwd, command, signum):
     config_file = tmp_path / "endless.yaml"
     config_file.write_text(yaml.safe_dump({**slice_config, "epochs": 100000, "stopping_step": 100000}))
     if command == "table":
@@ -154,9 +157,11 @@ def test_stopping_the_runner_stops_the_cell_it_is_training(slice_config, tmp_pat
             time.sleep(0.5)
             cells = _spawned_children(runner.pid)
         assert cells, "the runner never started the cell's process"
-        runner.send_signal(signal.SIGTERM)
-        assert runner.wait(timeout=60) == 128 + signal.SIGTERM
-        time.sleep(1)
+        runner.send_signal(signum)
+        assert runner.wait(timeout=60) == (128 + signum if signum == signal.SIGTERM else -signum)
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{cells[0]}").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
         assert not Path(f"/proc/{cells[0]}").exists(), "the cell's process outlived the runner"
         assert not list((tmp_path / "out" / "cells").glob("*.json"))  # an interrupted cell is no result
     finally:

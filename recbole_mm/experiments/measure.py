@@ -4,11 +4,14 @@ score and peak memory; optionally in a fresh process, so that peak memory is the
 
 Used by the table runner (``recbole_mm.experiments.table``) and the scripts in ``benchmarks/``.
 """
+import ctypes
 import multiprocessing
 import os
 import platform
 import queue as queue_module
 import resource
+import signal
+import sys
 import threading
 import time
 import traceback
@@ -80,7 +83,21 @@ def measured_run(model, dataset, config_file_list=None, config_dict=None, cmd_ar
     return result
 
 
-def _measured_run_worker(kwargs, queue):
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_runner(runner_pid):
+    """Linux: the kernel kills this cell's process when the runner dies, also by SIGKILL or by a
+    SIGTERM to a script that installed no handler, which no code of the runner sees (elsewhere the
+    runner's SIGTERM handler is the only guard against a cell training on as an orphan)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != runner_pid:  # the runner died before the request took effect
+        os._exit(1)
+
+
+def _measured_run_worker(kwargs, queue, runner_pid):
+    _die_with_runner(runner_pid)
     try:
         queue.put({"status": "ok", **measured_run(**kwargs)})
     except BaseException as error:  # reported by the parent, which carries on with the other runs
@@ -119,7 +136,7 @@ def measured_run_in_fresh_process(model, dataset, config_file_list=None, config_
     queue = context.Queue()
     kwargs = dict(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict,
                   cmd_args=list(cmd_args), saved=saved, per_user=per_user)
-    process = context.Process(target=_measured_run_worker, args=(kwargs, queue))
+    process = context.Process(target=_measured_run_worker, args=(kwargs, queue, os.getpid()))
     start = time.monotonic()
     result = None
     try:  # a signal during start() must still reach the finally, or the started child is orphaned
