@@ -160,6 +160,17 @@ def test_reconstruction_quality_perfect_and_scaled():
     assert abs(reconstruction_quality(s, 2 * s)["relative_error"] - 1.0) < 1e-6
 
 
+def test_reconstruction_quality_written_out_on_short_rows():
+    # rows of norm < 1 (the clamp guards only zero rows) and a reconstruction that is not a scaled copy
+    s = torch.tensor([[0.3, 0.4], [0.0, 0.1]], dtype=torch.float64)
+    r = torch.tensor([[0.3, 0.0], [0.1, 0.1]], dtype=torch.float64)
+    quality = reconstruction_quality(s, r)
+    assert abs(quality["mse"] - (0.16 + 0.01) / 4) < 1e-12
+    cosines = [0.3 * 0.3 / (0.5 * 0.3), 0.01 / (0.1 * 0.02 ** 0.5)]
+    assert abs(quality["cosine"] - sum(cosines) / 2) < 1e-12
+    assert abs(quality["relative_error"] - (0.4 / 0.5 + 0.1 / 0.1) / 2) < 1e-12
+
+
 def synthetic_modalities(n=64, seed=0):
     generator = torch.Generator().manual_seed(seed)
     latent = torch.randn(n, 4, generator=generator)
