@@ -188,3 +188,23 @@ def test_broken_config_files_are_clean_errors(tmp_path):
     listing = tmp_path / "list.yaml"
     listing.write_text("- a\n- b\n")
     assert "key: value" in config_error(config_file_list=[str(listing)])
+
+
+def test_flush_denormal_flushes_cpu_denormals_by_default_and_is_not_part_of_a_cell_hash():
+    import torch
+
+    from recbole_mm.experiments.hashing import config_hash
+    from recbole_mm.compat import plain_config
+
+    tiny = torch.tensor([1e-30])
+    try:
+        Config("SASRec", "ml-100k-mm", config_dict={"flush_denormal": False})
+        assert (tiny * 1e-10).item() == pytest.approx(1e-40, rel=1e-2, abs=0)  # a denormal result is kept
+        default = Config("SASRec", "ml-100k-mm")
+        assert default["flush_denormal"] is True
+        assert (tiny * 1e-10).item() == 0.0  # flushed to zero
+        assert (tiny * 2e-8).item() == pytest.approx(2e-38, rel=1e-6, abs=0)  # normal numbers (>= 1.18e-38) are kept
+        off = Config("SASRec", "ml-100k-mm", config_dict={"flush_denormal": False})
+        assert config_hash(plain_config(default)) == config_hash(plain_config(off))
+    finally:
+        torch.set_flush_denormal(True)

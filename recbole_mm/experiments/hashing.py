@@ -20,9 +20,11 @@ def effective_config(model, dataset, config_file_list=None, config_dict=None, cm
 # so that a results store stays valid when moved between machines or working directories
 # (``extra_config_keys`` only declares keys, whose values are hashed themselves).
 # ``data_path`` is replaced by the content of the dataset folder (``dataset_fingerprint``).
+# ``flush_denormal`` is the CPU's arithmetic mode, like ``device``: it changes values only below float32's
+# smallest normal number (a GPU flushes them in many kernels anyway), so cells trained before it keep their hash.
 PLACEMENT_KEYS = ("checkpoint_dir", "device", "gpu_id", "use_gpu", "show_progress", "state", "data_path",
                   "local_rank", "single_spec", "log_wandb", "wandb_project", "worker", "extra_config_keys",
-                  "full_sort_item_chunk")
+                  "full_sort_item_chunk", "flush_denormal")
 
 # Options added after results stores existed, each with the value that computes what runs did before
 # the option: at that value the key is left out of the hash, so adding an option that is off by

@@ -314,13 +314,6 @@ def squared_distances(a, b):
     return (a.pow(2).sum(-1, keepdim=True) + b.pow(2).sum(-1) - 2 * a @ b.t()).clamp(min=0)
 
 
-def gaussian_bandwidth(x, y, scale: float = 0.5):
-    """σ² = scale · mean pairwise squared distance over the pooled batch [x; y] (diagonal included),
-    without gradient (the authors' kernel, tllib GaussianKernel(alpha=0.5))."""
-    pooled = torch.cat([x, y]).detach()
-    return scale * squared_distances(pooled, pooled).mean()
-
-
 def gaussian_mmd2(x, y, sigma2=None, bandwidth_scale: float = 0.5):
     """Unbiased MMD² between samples x (n, d) and y (m, d), k(a, b) = exp(-||a-b||² / (2σ²)) (eq. 10):
     mean_{i≠i'} k(x_i, x_i') + mean_{j≠j'} k(y_j, y_j') − 2 mean_{i,j} k(x_i, y_j).
