@@ -276,6 +276,7 @@ def test_encoder_only_checkpoints_are_told_from_language_models():
     assert is_encoder_only(BertConfig(architectures=["BertModel"]))
     assert not is_encoder_only(BertConfig(architectures=["BertModel"], is_decoder=True))
     assert not is_encoder_only(BertConfig(architectures=["BertLMHeadModel"]))
+    assert not is_encoder_only(BertConfig(architectures=["BertForCausalLM"]))  # is_decoder unset: the name decides
     assert not is_encoder_only(GPT2Config(architectures=["GPT2LMHeadModel"]))
     assert not is_encoder_only(LlamaConfig(architectures=["LlamaForCausalLM"]))
     assert not is_encoder_only(LlamaConfig(architectures=["LlamaModel"]))
@@ -461,3 +462,35 @@ def test_splice_without_a_mask_uses_every_item_and_casts_to_the_token_dtype():
     expected[0, 1], expected[0, 3], expected[1, 0], expected[1, 1] = items[0, 0], items[0, 1], items[1, 0], items[1, 1]
     assert spliced.dtype == torch.float32
     torch.testing.assert_close(spliced, expected)
+
+
+def test_left_padded_rows_give_the_hidden_state_of_the_row_alone():
+    """Left padding must be masked out of attention and left out of the positions (build_prompt_ids pads
+    on the right, where a causal model never sees the padding; pretrained tokenizers may pad on the left)."""
+    backbone = tiny_backbone("full").eval()
+    torch.manual_seed(0)
+    lengths, width = [5, 2, 3], 5
+    embeds = torch.randn(3, width, backbone.hidden_size)
+    mask = torch.zeros(3, width, dtype=torch.long)
+    for b, length in enumerate(lengths):
+        mask[b, width - length:] = 1
+    with torch.no_grad():
+        batched = backbone.last_hidden_state(embeds, mask)
+        for b, length in enumerate(lengths):
+            alone = backbone.last_hidden_state(embeds[b : b + 1, width - length:], mask[b : b + 1, width - length:])
+            torch.testing.assert_close(batched[b], alone[0], rtol=1e-5, atol=1e-5)
+
+
+def test_lora_defaults_and_the_tuning_error_written_out():
+    import inspect
+
+    import pytest
+
+    from recbole_mm.model.layers.llm import apply_tuning
+
+    defaults = {k: v.default for k, v in inspect.signature(apply_tuning).parameters.items()}
+    assert (defaults["tuning"], defaults["lora_rank"], defaults["lora_alpha"], defaults["lora_dropout"]) == \
+        ("lora", 8, 16, 0.05)
+    with pytest.raises(ValueError) as error:
+        apply_tuning(torch.nn.Linear(2, 2), "adapters")
+    assert str(error.value) == "llm_tuning='adapters': choose one of lora, full, frozen."

@@ -480,3 +480,219 @@ def test_reconstruction_quality_is_per_row_and_names_its_keys():
     assert quality["cosine"] == pytest.approx(1 / math.sqrt(2))  # each row at 45 degrees
     assert quality["relative_error"] == pytest.approx((1.0 + 1.0) / 2)  # ||(0,1,0)||/1 and ||(0,0,2)||/2
     assert quality["mse"] == pytest.approx((1 + 4) / 6)
+
+
+def small_mm_rqvae(**options):
+    features, present = synthetic_modalities(n=16)
+    torch.manual_seed(0)
+    model = MultimodalRQVAE({k: v.shape[1] for k, v in features.items()}, [8], 4, n_levels=2, codebook_size=4,
+                            anchor="collab", **options)
+    return model, features, present
+
+
+def test_mm_rqvae_defaults_are_the_papers_and_every_option_reaches_each_quantizer():
+    model, _, _ = small_mm_rqvae()
+    assert (model.recon_loss, model.align_loss) == ("mmd", "infonce")
+    assert (model.recon_weight, model.align_weight, model.rq_weight) == (1.0, 1e-3, 1.0)
+    assert (model.temperature, model.bandwidth_scale) == (0.1, 0.5)
+    for rqvae in model.rqvaes.values():
+        q = rqvae.quantizer
+        assert (q.commitment_weight, q.kmeans_iters, q.codebook_init, q.sinkhorn_iters) == (1.0, 20, "kmeans", 50)
+        assert (q.sinkhorn_epsilons, q.loss_reduction, q.commitment_path) == ([0.0, 0.0], "sum", "every_level")
+    options = dict(commitment_weight=0.25, kmeans_iters=3, codebook_init="constrained_kmeans",
+                   sinkhorn_epsilons=[0.0, 0.003], sinkhorn_iters=7, rq_reduction="mean", commitment_path="first_level")
+    model, _, _ = small_mm_rqvae(**options)
+    for rqvae in model.rqvaes.values():
+        q = rqvae.quantizer
+        assert (q.commitment_weight, q.kmeans_iters, q.codebook_init, q.sinkhorn_iters) == (0.25, 3, "constrained_kmeans", 7)
+        assert (q.sinkhorn_epsilons, q.loss_reduction, q.commitment_path) == ([0.0, 0.003], "mean", "first_level")
+    single = ResidualQuantizer(1, 3, 2)
+    assert (single.commitment_weight, single.kmeans_iters, single.sinkhorn_iters) == (1.0, 20, 50)
+    import inspect
+    defaults = {k: v.default for k, v in inspect.signature(train_multimodal_rqvae).parameters.items()}
+    assert (defaults["weight_decay"], defaults["seed"], defaults["reseed_dead_codes"]) == (0.01, 0, False)
+    with pytest.raises(ValueError, match=r"alignment anchor 'audio' is not one of the modalities \['collab', 'text', 'image'\]"):
+        MultimodalRQVAE({"collab": 6, "text": 8, "image": 8}, [8], 4, 2, 4, anchor="audio")
+    assert MultimodalRQVAE({"text": 8, "image": 8}, [8], 4, 2, 4, anchor=None).anchor is None
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("codebook_init", "random", "rqvae_codebook_init='random': choose one of ('constrained_kmeans', 'kmeans')."),
+    ("loss_reduction", "max", "rqvae_rq_reduction='max': choose one of ('mean', 'sum')."),
+    ("commitment_path", "none", "rqvae_commitment_path='none': choose one of ('first_level', 'every_level')."),
+    ("sinkhorn_epsilons", [0.1], "rqvae_sinkhorn_epsilons=[0.1]: give one epsilon >= 0 per level (3 levels, "
+     "rqvae_levels), e.g. [0.0, 0.0, 0.003] (Sinkhorn on the last level only) or [0.0, 0.0, 0.0] (nearest code "
+     "everywhere)."),
+])
+def test_quantizer_refuses_unknown_options_naming_the_key_and_the_choices(key, value, message):
+    with pytest.raises(ValueError) as error:
+        ResidualQuantizer(3, 4, 2, **{key: value})
+    assert str(error.value) == message
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("recon_loss", "l1", "rqvae_recon_loss='l1': choose one of ('mmd', 'mse')."),
+    ("align_loss", "cos", "rqvae_align_loss='cos': choose one of ('infonce', 'mmd', 'none')."),
+])
+def test_mm_rqvae_refuses_unknown_losses_naming_the_key_and_the_choices(key, value, message):
+    with pytest.raises(ValueError) as error:
+        MultimodalRQVAE({"text": 8}, [8], 4, 1, 4, **{key: value})
+    assert str(error.value) == message
+
+
+def test_codebooks_start_as_gaussians_of_variance_one_over_dim():
+    torch.manual_seed(0)
+    codebooks = ResidualQuantizer(2, 512, 64).codebooks.detach()
+    assert codebooks.std().item() == pytest.approx(1 / 8, rel=0.02)
+    assert codebooks.mean().abs().item() < 0.005
+
+
+def test_every_level_gets_its_own_kmeans_codebook_on_the_first_training_batch():
+    torch.manual_seed(0)
+    quantizer = ResidualQuantizer(2, 4, 2, kmeans_iters=5)
+    quantizer.train()
+    z = torch.randn(40, 2) * 10
+    quantizer(z)
+    first, second = quantizer.codebooks.detach()
+    assert not torch.allclose(first, second)
+
+
+def test_mlp_has_relu_between_layers_and_none_after_the_last():
+    from torch import nn
+
+    from recbole_mm.model.layers.rqvae import mlp
+
+    layers = list(mlp([4, 8, 6, 3]))
+    assert [type(layer) for layer in layers] == [nn.Linear, nn.ReLU, nn.Linear, nn.ReLU, nn.Linear]
+    assert [(layer.in_features, layer.out_features) for layer in layers if isinstance(layer, nn.Linear)] == \
+        [(4, 8), (8, 6), (6, 3)]
+
+
+def test_mmd_needs_two_samples_a_side_and_uses_a_given_bandwidth_in_the_inputs_dtype():
+    x, y = torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)
+    gaussian_mmd2(x, y)  # two a side is enough
+    for a, b in ((x[:1], y), (x, y[:1])):
+        with pytest.raises(ValueError) as error:
+            gaussian_mmd2(a, b)
+        assert str(error.value) == "MMD needs at least two samples on each side: use a batch size >= 2."
+    sigma2 = 0.3  # below 1 and not a float32 number: a float32 or clamped-at-1 bandwidth shows
+    k = lambda a, b: math.exp(-float(((a - b) ** 2).sum()) / (2 * sigma2))  # noqa: E731
+    expected = k(x[0], x[1]) + k(y[0], y[1]) - 2 * sum(k(a, b) for a in x for b in y) / 4
+    assert gaussian_mmd2(x, y, sigma2=sigma2).item() == pytest.approx(expected, rel=1e-13, abs=0)
+
+
+def test_kmeans_takes_exactly_as_many_points_as_clusters_and_names_the_counts():
+    points = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 5.0]])
+    centres = kmeans(points, 3, generator=torch.Generator().manual_seed(0))
+    assert sorted(map(tuple, centres.tolist())) == sorted(map(tuple, points.tolist()))
+    with pytest.raises(ValueError) as error:
+        kmeans(points, 4)
+    assert str(error.value) == ("k-means codebook init needs at least as many items in the first batch (3) as codes "
+                                "(4): raise rqvae_batch_size or lower rqvae_codebook_size.")
+
+
+def test_kmeans_reseeds_empty_clusters_at_data_points_reproducibly_from_its_generator():
+    # three distinct points, each twice, and four clusters: k-means++ has to put a second seed on a point
+    # already taken (every weight is 0), so one cluster stays empty and is re-seeded on every iteration
+    points = torch.tensor([[0.0, 0.0], [4.0, 0.0], [0.0, 4.0]]).repeat(2, 1)
+    runs = []
+    for global_seed in range(1, 6):
+        torch.manual_seed(global_seed)  # the result must depend on the generator only
+        runs.append(kmeans(points, 4, n_iters=3, generator=torch.Generator().manual_seed(7)))
+    for run in runs[1:]:
+        torch.testing.assert_close(run, runs[0], rtol=0, atol=0)
+    centres = runs[0]
+    assert torch.isfinite(centres).all()
+    for centre in centres:  # a re-seeded centre sits on a data point; so does every filled one here
+        assert (points - centre).norm(dim=-1).min() == 0
+    for point in points[:3]:
+        assert (centres - point).norm(dim=-1).min() == 0
+
+
+def test_kmeans_plus_plus_puts_one_seed_in_each_far_apart_cluster():
+    from recbole_mm.model.layers.rqvae import kmeans_plus_plus_seeds
+
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[100.0 * i, 0.0] for i in range(8)])
+    points = centres.repeat_interleave(20, dim=0) + torch.rand(160, 2, generator=generator)
+    for seed in range(3):
+        seeds = kmeans_plus_plus_seeds(points, 8, torch.Generator().manual_seed(seed))
+        assert sorted((seeds[:, 0] / 100).round().long().tolist()) == list(range(8))
+
+
+def test_mm_rqvae_total_loss_is_the_weighted_sum_of_its_parts():
+    weights = dict(recon_weight=2.0, rq_weight=3.0, align_weight=0.5)
+    model, features, present = small_mm_rqvae(recon_loss="mse", **weights)
+    total, parts, _ = model(features, present)
+    recon = sum(v for k, v in parts.items() if k.startswith("recon_"))
+    rq = sum(v for k, v in parts.items() if k.startswith("rq_"))
+    align = sum(v for k, v in parts.items() if k.startswith("align_"))
+    assert {k for k in parts if k.startswith("align_")} == {"align_collab_text", "align_collab_image"}
+    assert total.item() == pytest.approx(2.0 * recon + 3.0 * rq + 0.5 * align, rel=1e-5)
+
+
+def test_mm_rqvae_losses_use_the_configured_temperature_and_bandwidth():
+    from recbole_mm.model.layers.rqvae import gaussian_mmd2 as mmd
+
+    torch.manual_seed(0)
+    a, b = torch.randn(6, 4), torch.randn(6, 4)
+    infonce = MultimodalRQVAE({"x": 4, "y": 4}, [4], 4, 1, 2, anchor="x", temperature=0.7)
+    assert infonce.alignment_loss(a, b).item() == pytest.approx(info_nce(a, b, 0.7).item(), rel=1e-6)
+    by_mmd = MultimodalRQVAE({"x": 4, "y": 4}, [4], 4, 1, 2, anchor="x", align_loss="mmd", bandwidth_scale=2.0)
+    assert by_mmd.alignment_loss(a, b).item() == pytest.approx(mmd(a, b, bandwidth_scale=2.0).item(), rel=1e-6)
+    assert by_mmd.reconstruction_loss(a, b).item() == pytest.approx(mmd(a, b, bandwidth_scale=2.0).item(), rel=1e-6)
+    assert mmd(a, b, bandwidth_scale=2.0).item() != pytest.approx(mmd(a, b).item(), rel=1e-3)
+    by_mse = MultimodalRQVAE({"x": 4}, [4], 4, 1, 2, recon_loss="mse")
+    assert by_mse.reconstruction_loss(a, b).item() == pytest.approx(((a - b) ** 2).mean().item(), rel=1e-6)
+
+
+def test_mm_rqvae_without_a_presence_mask_uses_every_row():
+    model, features, present = small_mm_rqvae()
+    model.eval()
+    for rqvae in model.rqvaes.values():
+        rqvae.quantizer.initialized.fill_(True)
+    every_row = {name: torch.ones(16, dtype=torch.bool) for name in features}
+    assert model(features)[1] == pytest.approx(model(features, every_row)[1], rel=1e-6)
+
+
+def test_alignment_needs_two_shared_rows_and_skips_only_the_pair_that_lacks_them():
+    model, features, present = small_mm_rqvae(recon_loss="mse")
+    model.eval()
+    for rqvae in model.rqvaes.values():
+        rqvae.quantizer.initialized.fill_(True)
+    present = {name: torch.ones(16, dtype=torch.bool) for name in features}
+    present["text"][2:] = False   # text shares exactly two rows with collab: aligned
+    present["image"][1:] = False  # image shares one: left out
+    _, parts, _ = model(features, present)
+    assert "align_collab_text" in parts and "align_collab_image" not in parts
+    present["text"][1] = False    # now text (which comes before image) shares one row, image all of them
+    present["image"][:] = True
+    _, parts, _ = model(features, present)
+    assert "align_collab_text" not in parts and "align_collab_image" in parts
+
+
+def test_tokenizer_history_is_the_mean_over_batches_and_is_logged_per_epoch():
+    model, features, present = small_mm_rqvae(recon_loss="mse", align_loss="none")
+    present = {name: torch.ones(16, dtype=torch.bool) for name in features}
+    logged = []
+    # learning rate 0: every batch sees the same weights (after the first batch's codebook init), so the mean of
+    # the two 8-row batches' row-mean losses is the full batch's
+    history = train_multimodal_rqvae(model, features, present, epochs=2, batch_size=8, learning_rate=0.0,
+                                     weight_decay=0.0, log=logged.append)
+    model.eval()  # no Sinkhorn here, so eval mode picks the training codes
+    _, parts, _ = model(features, present)
+    for epoch in history:
+        for key, value in parts.items():
+            assert epoch[key] == pytest.approx(value, rel=1e-5), key
+    assert logged == [f"MM-RQ-VAE epoch {e}: " + ", ".join(f"{k}={v:.4f}" for k, v in history[e].items())
+                      for e in range(2)]
+
+
+def test_tokenizer_training_reseeds_after_every_epoch_but_the_last():
+    features, present = synthetic_modalities(n=32)
+    torch.manual_seed(0)
+    model = MultimodalRQVAE({k: v.shape[1] for k, v in features.items()}, [8], 4, n_levels=2, codebook_size=8,
+                            anchor="collab")
+    history = train_multimodal_rqvae(model, features, present, epochs=3, batch_size=16, learning_rate=3e-3,
+                                     reseed_dead_codes=True)
+    assert all("reseeded_text" in epoch for epoch in history[:-1]) and "reseeded_text" not in history[-1]

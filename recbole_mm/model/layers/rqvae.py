@@ -302,7 +302,7 @@ class RQVAE(nn.Module):
     def forward(self, s):
         z = self.encoder(s)
         quantized, codes, rq_loss = self.quantizer(z)
-        return {"z": z, "quantized": quantized, "codes": codes, "rq_loss": rq_loss,
+        return {"quantized": quantized, "codes": codes, "rq_loss": rq_loss,
                 "reconstruction": self.decoder(quantized)}
 
 
