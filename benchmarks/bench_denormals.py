@@ -21,8 +21,6 @@ benchmarks/results/denormals.md).
 """
 import argparse
 import copy
-import os
-import platform
 import statistics
 import sys
 import time
@@ -33,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from recbole_mm.compat import load_checkpoint  # noqa: E402
+from recbole_mm.experiments.measure import machine_description  # noqa: E402
 from recbole_mm.quick_start.quick_start import build  # noqa: E402
 from recbole_mm.utils.atomic import write_text_atomic  # noqa: E402
 
@@ -64,15 +63,6 @@ def median_step_seconds(model, optimizer, state, batches, flush):
     finally:
         torch.set_flush_denormal(False)
     return statistics.median(seconds)
-
-
-def machine():
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the start, torch {torch.__version__}"
 
 
 def main():
@@ -111,7 +101,7 @@ def main():
                 print(f"{name}, flush_denormal={flush}: {seconds[name, flush][-1]:.2f} CPU s/step", flush=True)
 
     lines = [f"# Denormal floats and a training step: {args.model} on {args.dataset}", "",
-             f"Machine: {machine()}; one torch thread. Command: `python benchmarks/bench_denormals.py "
+             f"Machine: {machine_description()} (at the start). Command: `python benchmarks/bench_denormals.py "
              f"{' '.join(sys.argv[1:])}`.", f"Batch size {config['train_batch_size']}; median CPU time of "
              f"{args.steps} training steps (forward, backward, optimiser step), median over {args.repeats} "
              "alternating repeats.", "",

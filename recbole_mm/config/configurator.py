@@ -78,7 +78,7 @@ def recipe_file(model, recipe):
 def set_denormal_flushing(flush):
     """CPU arithmetic on denormal floats (|x| < 1.2e-38) is many times slower than on normal ones,
     and training makes them: weights pulled towards zero by weight decay, products of small decays.
-    A trained MMM4Rec checkpoint had 9,508 denormal weights and its training step ran 3.4x slower
+    A trained MMM4Rec checkpoint had 12,192 denormal weights and its training step ran 3.7x slower
     than with them flushed to zero (benchmarks/bench_denormals.py). Flushing changes values only
     below float32's smallest normal number. Process-wide, as torch's setting is."""
     if not torch.set_flush_denormal(bool(flush)) and flush:
