@@ -494,3 +494,110 @@ def test_lora_defaults_and_the_tuning_error_written_out():
     with pytest.raises(ValueError) as error:
         apply_tuning(torch.nn.Linear(2, 2), "adapters")
     assert str(error.value) == "llm_tuning='adapters': choose one of lora, full, frozen."
+
+
+def test_apply_tuning_with_its_defaults_is_a_causal_lm_lora_of_rank_8_on_the_mlp():
+    """Called with the defaults themselves (not read from the signature): r 8, alpha 16, dropout 0.05,
+    biases frozen, on the Llama MLP, saved as a causal-LM adapter (what peft's Auto classes reload)."""
+    from peft import PeftModelForCausalLM
+
+    from recbole_mm.model.layers.llm import LLAMA_MLP_MODULES, apply_tuning
+
+    tokenizer = build_word_level_tokenizer(TEXTS)
+    model = apply_tuning(build_small_llama(len(tokenizer), hidden_size=16, num_layers=1, num_heads=2))
+    lora = model.peft_config["default"]
+    assert isinstance(model, PeftModelForCausalLM) and lora.task_type == "CAUSAL_LM"
+    assert (lora.r, lora.lora_alpha, lora.lora_dropout, lora.bias, set(lora.target_modules)) == (
+        8, 16, 0.05, "none", set(LLAMA_MLP_MODULES))
+
+
+def test_backbone_without_a_tuning_mode_trains_nothing():
+    tokenizer = build_word_level_tokenizer(TEXTS)
+    backbone = LLMBackbone(build_small_llama(len(tokenizer), hidden_size=16, num_layers=1, num_heads=2), tokenizer)
+    assert backbone.tuning == "frozen" and backbone.trainable_parameter_count()[0] == 0
+
+
+def test_a_local_checkpoint_defaults_to_lora_in_full_precision(tmp_path, caplog):
+    import logging
+
+    from peft import PeftModel
+
+    _save_tiny_llama(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="recbole_mm.model.layers.llm"):
+        backbone = backbone_from_config({"llm_path": str(tmp_path)})
+    assert backbone.tuning == "lora" and isinstance(backbone.model, PeftModel)
+    assert not [r for r in caplog.records if r.name == "recbole_mm.model.layers.llm"]  # 4-bit is opt-in
+
+
+def test_small_llama_special_ids_fall_back_to_the_pad_id_when_the_tokenizer_has_none(tmp_path):
+    saved = build_word_level_tokenizer(TEXTS)
+    saved.bos_token = saved.eos_token = None
+    saved.save_pretrained(tmp_path)
+    backbone = backbone_from_config({"llm_tokenizer_path": str(tmp_path), "llm_hidden_size": 16,
+                                     "llm_num_layers": 1, "llm_num_heads": 2})
+    config = backbone._causal_lm().config
+    assert backbone.tokenizer.bos_token_id is None and backbone.tokenizer.eos_token_id is None
+    assert config.bos_token_id == config.eos_token_id == config.pad_token_id == backbone.tokenizer.pad_token_id == 0
+
+
+def test_every_hub_call_of_the_small_llama_and_the_size_probe_stays_on_the_local_disk(tmp_path, monkeypatch):
+    import transformers
+
+    _save_tiny_llama(tmp_path)
+    calls = []
+    for cls in (transformers.AutoConfig, transformers.AutoTokenizer):
+        real = cls.from_pretrained.__func__
+
+        def recording(klass, path, *args, _real=real, _name=cls.__name__, **kwargs):
+            calls.append((_name, kwargs.get("local_files_only")))
+            return _real(klass, path, *args, **kwargs)
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(recording))
+    backbone_hidden_size({"llm_path": str(tmp_path)})
+    backbone_from_config({"llm_tokenizer_path": str(tmp_path), "llm_hidden_size": 16, "llm_num_layers": 1,
+                          "llm_num_heads": 2})
+    assert {name for name, _ in calls} == {"AutoConfig", "AutoTokenizer"}
+    assert all(local is True for _, local in calls), calls
+
+
+def test_prompt_ids_are_made_on_the_requested_device():
+    input_ids, mask = build_prompt_ids([5], [2], [7], placeholder_id=9, pad_id=0, device="meta")
+    assert input_ids.device.type == mask.device.type == "meta"
+
+
+def test_a_tokenizer_with_its_own_eos_and_bos_keeps_them_beside_sep_and_cls(tmp_path):
+    from recbole_mm.model.layers.llm import load_pretrained_causal_lm
+
+    source = tiny_backbone("frozen")
+    source.model.save_pretrained(tmp_path)
+    tokenizer = build_word_level_tokenizer(TEXTS, extra_special_tokens=["<sep>", "<cls>"])
+    tokenizer.sep_token, tokenizer.cls_token = "<sep>", "<cls>"
+    tokenizer.save_pretrained(tmp_path)
+    _, loaded = load_pretrained_causal_lm(str(tmp_path))
+    assert (loaded.eos_token, loaded.bos_token, loaded.sep_token, loaded.cls_token) == ("</s>", "<s>", "<sep>", "<cls>")
+
+
+def test_backbone_encode_leaves_out_the_tokenizers_special_tokens_unless_asked():
+    from tokenizers.processors import TemplateProcessing
+
+    backbone = tiny_backbone("frozen")
+    tokenizer = backbone.tokenizer
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A </s>",
+                                                                    special_tokens=[("<s>", bos), ("</s>", eos)])
+    word = tokenizer.convert_tokens_to_ids("predict")
+    assert backbone.encode("predict") == [word]
+    assert backbone.encode("predict", add_special_tokens=True) == [bos, word, eos]
+
+
+def test_left_padding_is_masked_and_left_out_of_the_positions_of_an_absolute_position_backbone():
+    """A BERT encoder run as a decoder has absolute position embeddings: a left-padded row gives the
+    hidden state of the row alone only if the positions count real tokens (Llama's rotary positions are
+    shift-invariant, so the small Llama cannot tell)."""
+    backbone = backbone_from_config({"llm_path": minilm_path(), "llm_tuning": "frozen"}).eval()
+    generator = torch.Generator().manual_seed(0)
+    embeds = torch.randn(2, 6, backbone.hidden_size, generator=generator)
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        batched = backbone.last_hidden_state(embeds, mask)
+        alone = backbone.last_hidden_state(embeds[:1, 3:], mask[:1, 3:])
+    torch.testing.assert_close(batched[0], alone[0], rtol=1e-5, atol=1e-5)

@@ -694,3 +694,102 @@ def test_tokenizer_training_reseeds_after_every_epoch_but_the_last():
     history = train_multimodal_rqvae(model, features, present, epochs=3, batch_size=16, learning_rate=3e-3,
                                      reseed_dead_codes=True)
     assert all("reseeded_text" in epoch for epoch in history[:-1]) and "reseeded_text" not in history[-1]
+
+
+def test_kmeans_runs_twenty_lloyd_steps_by_default(monkeypatch):
+    from recbole_mm.model.layers import rqvae
+
+    calls = []
+    real = rqvae.nearest_code_indices
+    monkeypatch.setattr(rqvae, "nearest_code_indices", lambda *args: calls.append(1) or real(*args))
+    kmeans(torch.randn(12, 2, generator=torch.Generator().manual_seed(0)), 3)  # no early stop: every step runs
+    assert len(calls) == 20
+
+
+def test_constrained_kmeans_stops_after_twenty_assignments_by_default(monkeypatch):
+    from recbole_mm.model.layers import rqvae
+
+    calls = []
+
+    def never_settling(distances, size_min, size_max):  # a different labelling every call: no convergence
+        calls.append(1)
+        return torch.arange(distances.shape[0]).roll(len(calls)) % distances.shape[1]
+    monkeypatch.setattr(rqvae, "size_constrained_assignment", never_settling)
+    constrained_kmeans(torch.randn(12, 2, generator=torch.Generator().manual_seed(0)), 3)
+    assert len(calls) == 20
+
+
+def test_info_nce_default_temperature_is_a_tenth():
+    generator = torch.Generator().manual_seed(0)
+    query, key = torch.randn(5, 3, generator=generator), torch.randn(5, 3, generator=generator)
+    cosine = torch.tensor([[float(q @ k / (q.norm() * k.norm())) for k in key] for q in query]) / 0.1
+    expected = -sum(cosine[i, i] - torch.logsumexp(cosine[i], dim=0) for i in range(5)) / 5  # eq. 15 written out
+    torch.testing.assert_close(info_nce(query, key), expected)
+
+
+def test_kmeans_plus_plus_weighs_by_distance_on_tiny_scale_data_too():
+    """D² sampling whatever the data's scale: here the total squared distance is far below 1."""
+    from recbole_mm.model.layers.rqvae import kmeans_plus_plus_seeds
+
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[1e-3 * i, 0.0] for i in range(8)])
+    points = centres.repeat_interleave(20, dim=0) + 1e-6 * torch.rand(160, 2, generator=generator)
+    assert float((points - points[0]).pow(2).sum()) < 0.01
+    for seed in range(3):
+        seeds = kmeans_plus_plus_seeds(points, 8, torch.Generator().manual_seed(seed))
+        assert sorted((seeds[:, 0] / 1e-3).round().long().tolist()) == list(range(8))
+
+
+@pytest.mark.parametrize("n_items, steps_per_epoch", [(18, 2), (17, 1), (32, 2)])
+def test_tokenizer_training_steps_on_every_batch_of_at_least_two_items(monkeypatch, n_items, steps_per_epoch):
+    """A last batch of one item is skipped (MMD and InfoNCE need two); a last batch of two is a step."""
+    features, present = synthetic_modalities(n=n_items)
+    steps = []
+    real_step = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: steps.append(1) or real_step(self, *a, **k))
+    torch.manual_seed(0)
+    model = MultimodalRQVAE({k: v.shape[1] for k, v in features.items()}, [8], 4, n_levels=1, codebook_size=4,
+                            anchor="collab", recon_loss="mse")
+    train_multimodal_rqvae(model, features, present, epochs=2, batch_size=16, learning_rate=1e-3)
+    assert len(steps) == 2 * steps_per_epoch
+
+
+def test_tokenizer_training_draws_batches_and_reseeding_from_its_seed_alone():
+    """With the codebooks already initialised, a run depends on ``seed`` only (the first batch's
+    initialisation, when it happens inside training, draws from the global RNG: RecBole's init_seed)."""
+    import copy
+
+    features, present = synthetic_modalities()
+    torch.manual_seed(0)
+    model = MultimodalRQVAE({k: v.shape[1] for k, v in features.items()}, [16], 8, n_levels=2, codebook_size=16,
+                            anchor="collab")
+    with torch.no_grad():
+        for name, rqvae in model.rqvaes.items():
+            rqvae.quantizer.initialize_codebooks(rqvae.encoder(features[name][present[name]][:32]),
+                                                 torch.Generator().manual_seed(1))
+    runs = {}
+    for global_seed, seed in [(1, 5), (2, 5), (1, 6)]:
+        trained = copy.deepcopy(model)
+        torch.manual_seed(global_seed)
+        history = train_multimodal_rqvae(trained, features, present, epochs=3, batch_size=24, learning_rate=3e-3,
+                                         seed=seed, reseed_dead_codes=True)
+        assert history[0]["reseeded_text"] > 0  # the re-seeding draws happen
+        runs[global_seed, seed] = trained.state_dict()
+    for key, value in runs[1, 5].items():
+        torch.testing.assert_close(runs[2, 5][key], value, rtol=0, atol=0)
+    assert any(not torch.equal(runs[1, 6][key], value) for key, value in runs[1, 5].items())
+
+
+def test_kmeans_plus_plus_first_seed_and_kmeans_reseeds_are_uniform_over_every_row(monkeypatch):
+    """Both draws cover every data point: the first row and rows past the feature count too."""
+    from recbole_mm.model.layers import rqvae
+
+    points = torch.tensor([[float(i), float(i * i)] for i in range(6)])  # 6 distinct rows, 2 features
+    firsts = {int((points == rqvae.kmeans_plus_plus_seeds(points, 1, torch.Generator().manual_seed(s))[0])
+                  .all(-1).nonzero()) for s in range(200)}
+    assert firsts == set(range(6))
+    # seeds far from every point leave cluster 1 empty after the first assignment: it is re-seeded
+    monkeypatch.setattr(rqvae, "kmeans_plus_plus_seeds", lambda p, k, g: torch.tensor([[2.5, 6.0], [1e6, 1e6]]))
+    reseeded = {int((points == kmeans(points, 2, n_iters=1, generator=torch.Generator().manual_seed(s))[1])
+                    .all(-1).nonzero()) for s in range(200)}
+    assert reseeded == set(range(6))

@@ -463,7 +463,9 @@ def train_multimodal_rqvae(model: MultimodalRQVAE, features: Dict[str, torch.Ten
                            learning_rate: float, weight_decay: float = 0.01, seed: int = 0, log=None,
                            reseed_dead_codes: bool = False):
     """Mini-batch training over items (Alg. 1 lines 3–9) with AdamW (``learning_rate``,
-    ``weight_decay``; the authors' script: 2e-4, 1e-4). The first batch initialises the codebooks.
+    ``weight_decay``; the authors' script: 2e-4, 1e-4). The first batch initialises the codebooks
+    (drawing from the global RNG, which RecBole's ``init_seed`` fixes); ``seed`` draws the batch order
+    and the re-seeding, so codebooks initialised beforehand make a run depend on ``seed`` alone.
     ``reseed_dead_codes``: after every epoch but the last, codes no item uses are moved onto items'
     residuals (``MultimodalRQVAE.reseed_dead_codes``; neither the paper nor the authors do this).
     Returns the per-epoch mean loss parts (with ``reseeded_<modality>``: codes moved, all levels)."""
