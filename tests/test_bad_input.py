@@ -23,7 +23,7 @@ from dataset_conversion.encode_features import encode_text_modality
 from recbole_mm.config import Config
 from recbole_mm.data.atomic_files import check_atomic_files
 from recbole_mm.data.candidates import CandidateFile
-from recbole_mm.data.features import FeatureTableSpec, load_feature_table
+from recbole_mm.data.features import FeatureTableSpec, load_feature_table, read_mask
 from recbole_mm.utils import RecboleMMError
 from tests.test_dataset_conversion_rechorus import write_toy_rechorus
 
@@ -79,7 +79,14 @@ FEATURE_CASES = {
                                  ["D.text.mask.npy", "shape (2,)", "expected (3,)"]),
     "mask with values other than 0/1": (
         lambda t: load_table(feature_folder(t, mask=np.array([1.0, 0.5, 1.0])), mask="D.text.mask.npy"),
-        ["D.text.mask.npy", "other than 0/1", "0.5", "row 1"]),
+        ["D.text.mask.npy", "other than 0/1", "(e.g. 0.5 at row 1)"]),
+    "mask of text": (lambda t: load_table(feature_folder(t, mask=np.array(["1", "0", "1"])), mask="D.text.mask.npy"),
+                     ["D.text.mask.npy", "other than 0/1", "'1' at row 0", "Re-encode the features (the encoder writes "
+                      "both files) or fix feature_tables.text.mask."]),
+    # np.save pickles an object array; a mask is never unpickled
+    "pickled mask": (lambda t: load_table(feature_folder(t, mask=np.array([1, 0, None], dtype=object)),
+                                          mask="D.text.mask.npy"),
+                     ["D.text.mask.npy", "cannot read mask", "allow_pickle=False"]),
     "mask not a .npy": (lambda t: (t / "D.text.mask.npy").write_text("1 1 1") and load_table(
         feature_folder(t), mask="D.text.mask.npy"), ["D.text.mask.npy", "cannot read mask"]),
     "item2index token twice": (lambda t: load_table(feature_folder(t, item2index="a\t0\nb\t1\nb\t2\n")),
@@ -99,6 +106,16 @@ FEATURE_CASES = {
     ".pt without a tensor": (lambda t: torch.save({"x": 1}, t / "D.text.pt") or load_table(
         feature_folder(t), path="D.text.pt"), ["D.text.pt", "expected a tensor"]),
 }
+
+
+@pytest.mark.parametrize("mask", [np.array([True, False, True]), np.array([[1], [0], [1]], dtype=np.int8),
+                                  np.array([1.0, 0.0, 1.0])], ids=["bool", "int8 column", "float"])
+def test_a_mask_of_bools_or_of_0_1_numbers_in_one_column_marks_the_items(mask, tmp_path):
+    _, present, _ = load_table(feature_folder(tmp_path, mask=mask), mask="D.text.mask.npy", allow_missing=True)
+    assert present.tolist() == [False, True, False, True]  # padding, a, b (masked out), c
+    spec = FeatureTableSpec.from_config("text", {"path": "D.text.npy", "mask": "D.text.mask.npy"}, tmp_path)
+    read = read_mask(spec, 3)
+    assert read.dtype == bool and read.tolist() == [True, False, True]
 
 
 @pytest.mark.parametrize("case", list(FEATURE_CASES))

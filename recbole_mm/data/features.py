@@ -210,7 +210,7 @@ def read_mask(spec, n_file_rows):
         bad = np.flatnonzero(~np.isin(values, (0, 1))) if numeric else np.arange(len(values))
         if len(bad):
             raise RecboleMMError(f"Feature table '{spec.name}': mask {spec.mask_path} holds values other than 0/1 "
-                                 f"(e.g. {values[bad[0]]!r} at row {bad[0]}); a mask says present (1) or missing (0). "
+                                 f"(e.g. {values[bad[0]].item()!r} at row {bad[0]}); a mask says present (1) or missing (0). "
                                  f"{fix}")
     return values.astype(bool)
 
