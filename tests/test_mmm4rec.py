@@ -215,6 +215,20 @@ def test_longer_rows_are_cut_to_their_last_max_len_items(time_model):
                                    model(*on(expected_items, lengths.clamp(max=4), expected_times)))
 
 
+def test_wo_time_rows_of_another_width_are_scored_as_their_last_max_len_items(time_model):
+    """w/o Time on a pre-split file wider than max_len: the RecBole entry points carry no timestamps."""
+    _, _, model = time_model(MAX_ITEM_LIST_LENGTH=4, is_time=False)
+    gen = torch.Generator().manual_seed(2)
+    lengths = torch.tensor([9, 3])
+    items = torch.randint(1, model.n_items, (2, 9), generator=gen) * (torch.arange(9)[None, :] < lengths[:, None])
+    cut = torch.zeros(2, 4, dtype=torch.long)
+    cut[0], cut[1, :3] = items[0, 5:9], items[1, :3]
+    rows = lambda seq, n: Interaction({model.ITEM_SEQ: seq, model.ITEM_SEQ_LEN: n}).to(model.device)  # noqa: E731
+    with torch.no_grad():
+        torch.testing.assert_close(model.full_sort_predict(rows(items, lengths)),
+                                   model.full_sort_predict(rows(cut, lengths.clamp(max=4))))
+
+
 # ------------------------------------------------------------------ stream roles and the score (eqs. 2, 19)
 def test_streams_user_vector_and_scores_follow_the_paper_written_out(time_model):
     """Key stream = modalities[0] (text), query stream = modalities[1] (image), each LN(W f + b + beta)
