@@ -90,7 +90,8 @@ FEATURE_CASES = {
     "mask not a .npy": (lambda t: (t / "D.text.mask.npy").write_text("1 1 1") and load_table(
         feature_folder(t), mask="D.text.mask.npy"), ["D.text.mask.npy", "cannot read mask"]),
     "item2index token twice": (lambda t: load_table(feature_folder(t, item2index="a\t0\nb\t1\nb\t2\n")),
-                               ["D.item2index", "line 3", "'b' is listed again", "Regenerate"]),
+                               ["D.item2index", "line 3", "'b' is listed again",
+                                "Regenerate it with dataset_conversion/ (one line per item, rows 0..N-1)."]),
     "item2index row twice": (lambda t: load_table(feature_folder(t, item2index="a\t0\nb\t1\nc\t1\n")),
                              ["D.item2index", "line 3", "row 1 is given again", "Regenerate"]),
     "item2index empty": (lambda t: load_table(feature_folder(t, item2index="")), ["D.item2index", "is empty"]),
