@@ -23,7 +23,7 @@ from dataset_conversion.encode_features import encode_text_modality
 from recbole_mm.config import Config
 from recbole_mm.data.atomic_files import check_atomic_files
 from recbole_mm.data.candidates import CandidateFile
-from recbole_mm.data.features import FeatureTableSpec, load_feature_table, read_mask
+from recbole_mm.data.features import FeatureTableSpec, feature_rows_for_tokens, load_feature_table, read_mask
 from recbole_mm.utils import RecboleMMError
 from tests.test_dataset_conversion_rechorus import write_toy_rechorus
 
@@ -117,6 +117,33 @@ def test_a_mask_of_bools_or_of_0_1_numbers_in_one_column_marks_the_items(mask, t
     spec = FeatureTableSpec.from_config("text", {"path": "D.text.npy", "mask": "D.text.mask.npy"}, tmp_path)
     read = read_mask(spec, 3)
     assert read.dtype == bool and read.tolist() == [True, False, True]
+
+
+def test_feature_rows_for_tokens_maps_and_refuses_with_the_fix_written_out(tmp_path):
+    import re
+
+    index = tmp_path / "D.item2index"
+    index.write_text("a\t0\nb\t1\n")
+    rows, how, expected = feature_rows_for_tokens(["b", "z", "a"], index)
+    assert rows.tolist() == [1, -1, 0] and how == f"rows from {index}" and expected == 2  # -1: no row
+    rows, how, _ = feature_rows_for_tokens(["1", "0"], index)  # UniSRec layout: tokens are the rows
+    assert rows.tolist() == [1, 0] and how == f"item tokens are rows of {index}"
+    with pytest.raises(RecboleMMError, match=re.escape(
+            f"Item tokens do not match {index}: e.g. ['x', 'y', 'w'] are neither its keys nor its row numbers. "
+            "Regenerate item2index with dataset_conversion/ or remove it to map integer tokens to rows directly.")):
+        feature_rows_for_tokens(["x", "y", "w", "v"], index)
+    index.write_text("")
+    with pytest.raises(RecboleMMError, match=re.escape(
+            f"{index} is empty: it must list every item's feature row ('token<TAB>row'). Regenerate it with "
+            "dataset_conversion/, or remove it when the item tokens are the row numbers.")):
+        feature_rows_for_tokens(["a"], index)
+    missing = tmp_path / "none.item2index"
+    with pytest.raises(RecboleMMError, match=re.escape(
+            f"No item2index file at {missing}, and item tokens such as ['x'] are not row numbers. "
+            "Provide <dataset>.item2index (token<TAB>row) next to the atomic files.")):
+        feature_rows_for_tokens(["3", "x", "5"], missing)
+    rows, how, expected = feature_rows_for_tokens(["3", "5"], missing)
+    assert rows.tolist() == [3, 5] and how == "item tokens are row numbers" and expected is None
 
 
 @pytest.mark.parametrize("case", list(FEATURE_CASES))
