@@ -87,6 +87,14 @@ FEATURE_CASES = {
     "pickled mask": (lambda t: load_table(feature_folder(t, mask=np.array([1, 0, None], dtype=object)),
                                           mask="D.text.mask.npy"),
                      ["D.text.mask.npy", "cannot read mask", "allow_pickle=False"]),
+    "mask file missing": (lambda t: load_table(feature_folder(t), mask="D.text.mask.npy"),
+                          ["D.text.mask.npy", "does not exist", "(feature_tables.text.mask)"]),
+    "item masked out": (lambda t: load_table(feature_folder(t, mask=np.array([True, False, True])),
+                                             mask="D.text.mask.npy"),
+                        ["1 items are marked missing by the mask of ", "D.text.npy", "['b']", "allow_missing: true"]),
+    # as many index lines as table rows, but one row number past the table's end
+    "item2index row past the table": (lambda t: load_table(feature_folder(t, item2index="a\t0\nb\t1\nc\t3\n")),
+                                      ["1 items have no row in ", "D.text.npy", "['c']"]),
     "mask not a .npy": (lambda t: (t / "D.text.mask.npy").write_text("1 1 1") and load_table(
         feature_folder(t), mask="D.text.mask.npy"), ["D.text.mask.npy", "cannot read mask"]),
     "item2index token twice": (lambda t: load_table(feature_folder(t, item2index="a\t0\nb\t1\nb\t2\n")),
@@ -144,6 +152,12 @@ def test_feature_rows_for_tokens_maps_and_refuses_with_the_fix_written_out(tmp_p
         feature_rows_for_tokens(["3", "x", "5"], missing)
     rows, how, expected = feature_rows_for_tokens(["3", "5"], missing)
     assert rows.tolist() == [3, 5] and how == "item tokens are row numbers" and expected is None
+
+
+def test_blank_lines_in_item2index_are_skipped_wherever_they_are(tmp_path):
+    table, present, _ = load_table(feature_folder(tmp_path, item2index="a\t0\n\nb\t1\n  \nc\t2\n"))
+    assert present.tolist() == [False, True, True, True]
+    assert table[3].tolist() == [8.0, 9.0, 10.0, 11.0]  # c's row 2
 
 
 @pytest.mark.parametrize("case", list(FEATURE_CASES))
