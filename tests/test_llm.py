@@ -351,6 +351,19 @@ def test_small_llama_with_a_saved_tokenizer_gets_a_pad_token_and_special_item_to
     assert backbone.placeholder_id == tokenizer.convert_tokens_to_ids(ITEM_PLACEHOLDER) != tokenizer.unk_token_id
 
 
+def record_from_pretrained(monkeypatch, *classes):
+    """Wrap each class's ``from_pretrained``; returns the list of (class name, path, local_files_only) calls."""
+    calls = []
+    for cls in classes:
+        real = cls.from_pretrained.__func__
+
+        def recording(klass, path, *args, _real=real, _name=cls.__name__, **kwargs):
+            calls.append((_name, path, kwargs.get("local_files_only")))
+            return _real(klass, path, *args, **kwargs)
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(recording))
+    return calls
+
+
 def _save_tiny_llama(path, pad=True, padding_side="left"):
     source = tiny_backbone("frozen")
     source.model.save_pretrained(path)
@@ -375,14 +388,8 @@ def test_pretrained_loader_reads_local_files_only_and_fixes_the_tokenizer(tmp_pa
         load_pretrained_causal_lm(str(tmp_path / "none"))
     _save_tiny_llama(tmp_path / "llm", pad=False)
     _save_tiny_llama(tmp_path / "tokenizer", pad=True)
-    calls = []
-    for cls in (transformers.AutoConfig, transformers.AutoModelForCausalLM, transformers.AutoTokenizer):
-        real = cls.from_pretrained.__func__
-
-        def recording(klass, path, *args, _real=real, _name=cls.__name__, **kwargs):
-            calls.append((_name, path, kwargs.get("local_files_only")))
-            return _real(klass, path, *args, **kwargs)
-        monkeypatch.setattr(cls, "from_pretrained", classmethod(recording))
+    calls = record_from_pretrained(monkeypatch, transformers.AutoConfig, transformers.AutoModelForCausalLM,
+                                   transformers.AutoTokenizer)
     model, tokenizer = load_pretrained_causal_lm(str(tmp_path / "llm"))
     # every read, ours and the ones transformers makes inside them, stays on the local disk
     assert {name for name, _, _ in calls} == {"AutoConfig", "AutoModelForCausalLM", "AutoTokenizer"}
@@ -544,19 +551,12 @@ def test_every_hub_call_of_the_small_llama_and_the_size_probe_stays_on_the_local
     import transformers
 
     _save_tiny_llama(tmp_path)
-    calls = []
-    for cls in (transformers.AutoConfig, transformers.AutoTokenizer):
-        real = cls.from_pretrained.__func__
-
-        def recording(klass, path, *args, _real=real, _name=cls.__name__, **kwargs):
-            calls.append((_name, kwargs.get("local_files_only")))
-            return _real(klass, path, *args, **kwargs)
-        monkeypatch.setattr(cls, "from_pretrained", classmethod(recording))
+    calls = record_from_pretrained(monkeypatch, transformers.AutoConfig, transformers.AutoTokenizer)
     backbone_hidden_size({"llm_path": str(tmp_path)})
     backbone_from_config({"llm_tokenizer_path": str(tmp_path), "llm_hidden_size": 16, "llm_num_layers": 1,
                           "llm_num_heads": 2})
-    assert {name for name, _ in calls} == {"AutoConfig", "AutoTokenizer"}
-    assert all(local is True for _, local in calls), calls
+    assert {name for name, _, _ in calls} == {"AutoConfig", "AutoTokenizer"}
+    assert all(local is True for _, _, local in calls), calls
 
 
 def test_prompt_ids_are_made_on_the_requested_device():
