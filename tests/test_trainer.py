@@ -132,6 +132,24 @@ def test_gradient_accumulation_equals_one_big_batch(slice_root):
         assert torch.allclose(a, b, atol=1e-6), name
 
 
+@pytest.mark.parametrize("micro_rows, whole_rows", [
+    ([(0, 8), (8, 16), (16, 24), (24, 27)], [(0, 16), (16, 27)]),  # the last group: a full and a short micro-batch
+    ([(0, 8), (8, 16), (16, 19)], [(0, 16), (16, 19)]),  # the last group: one short micro-batch
+])
+def test_an_epochs_last_shorter_group_is_the_mean_over_its_rows(slice_root, micro_rows, whole_rows):
+    """With loss mean, micro-batches accumulated in groups of 2 make the updates of batches twice as
+    large, the epoch's last, shorter group included (RecBole's short last batch: the mean over its rows)."""
+    _, train, model_a, trainer_a = deterministic_copy(slice_root, gradient_accumulation_steps=2)
+    _, _, model_b, trainer_b = deterministic_copy(slice_root)
+    model_b.load_state_dict(model_a.state_dict())
+    rows = next(iter(train))
+    assert len(rows) >= 27
+    trainer_a._train_epoch([rows[torch.arange(a, b)] for a, b in micro_rows], 0)
+    trainer_b._train_epoch([rows[torch.arange(a, b)] for a, b in whole_rows], 0)
+    for (name, a), b in zip(model_a.named_parameters(), model_b.parameters()):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
 def test_warmup_cosine_schedule(slice_root):
     _, train, model, trainer = deterministic_copy(
         slice_root, lr_scheduler="warmup_cosine", warmup_steps=2, epochs=1)

@@ -375,10 +375,20 @@ class MMTrainer(DistributedTrainingMixin, SafeCheckpointMixin, Trainer):
                 loss = losses
                 total_loss = loss.item() if total_loss is None else total_loss + loss.item()
             self._check_nan(loss)
-            scale = self.accumulation_steps if self.accumulation_loss == "mean" else 1
+            if batch_idx % self.accumulation_steps == 0:
+                group_batch_rows, group_rows = len(interaction), 0
+            group_rows += len(interaction)
+            # mean: each micro-batch's mean loss weighted by its share of the update's rows, so k
+            # accumulated micro-batches make the whole batch's mean-loss update
+            scale = self.accumulation_steps * group_batch_rows / len(interaction) if self.accumulation_loss == "mean" else 1
             ((loss + sync_loss) / scale).backward()
             last_batch = batch_idx + 1 == len(train_data)
             if (batch_idx + 1) % self.accumulation_steps == 0 or last_batch:
+                if self.accumulation_loss == "mean" and group_rows != self.accumulation_steps * group_batch_rows:
+                    # an epoch's last, shorter group: the mean over the rows it has, as a short last batch
+                    for parameter in trainable:
+                        if parameter.grad is not None:
+                            parameter.grad.mul_(self.accumulation_steps * group_batch_rows / group_rows)
                 if self.clip_grad_norm:
                     clip_grad_norm_(trainable, **self.clip_grad_norm)
                 self.optimizer.step()
