@@ -94,6 +94,36 @@ def test_resume_point_holds_what_training_depends_on(scientific_dir, tmp_path, m
     assert "train_data.generator" in states["generators"]  # RecBole's shuffle generator
 
 
+def test_resume_restores_the_early_stopping_state(scientific_dir, tmp_path, monkeypatch):
+    """A resumed trainer starts epoch 1 with the counters the uninterrupted one had there: the epochs
+    without a gain (cur_step), the best validation score and result (early stopping and the best
+    checkpoint depend on them)."""
+    from recbole_mm.quick_start import build
+
+    monkeypatch.chdir(tmp_path)
+    write_scientific_slice(scientific_dir, tmp_path / "data", n_users=40)
+    config = scientific_slice_config(tmp_path / "data", epochs=2)
+    _, (train, valid, _), _, trainer = build("MMSASRec", "SciSlice", config_dict=config)
+    at_epoch_start = {}
+    record = trainer._resume_point
+
+    def recording_resume_point(train_data, epoch_idx):
+        at_epoch_start[epoch_idx] = (trainer.cur_step, trainer.best_valid_score, dict(trainer.best_valid_result or {}))
+        return record(train_data, epoch_idx)
+
+    trainer._resume_point = recording_resume_point
+    trainer.fit(train, valid, saved=True, show_progress=False)
+    cur_step, best_score, best_result = at_epoch_start[1]
+    assert best_result and best_score == best_result["ndcg@10"] > 0
+
+    _, (train, valid, _), _, resumed = build("MMSASRec", "SciSlice", config_dict=config)
+    resumed.resume_checkpoint(resume_file_for(trainer.saved_model_file))
+    resumed._resume_point(train, 1)
+    assert resumed.cur_step == cur_step
+    assert resumed.best_valid_score == pytest.approx(best_score, abs=1e-7)
+    assert dict(resumed.best_valid_result) == pytest.approx(best_result, abs=1e-7)
+
+
 def test_resume_with_changed_stages_is_refused(scientific_dir, tmp_path, monkeypatch):
     """A resume point written in one stage layout cannot continue under another."""
     from recbole_mm.quick_start import build
