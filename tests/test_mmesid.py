@@ -1,5 +1,6 @@
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -245,6 +246,45 @@ def test_full_tuning_trains_the_backbone(slice_root, stage_files):
     assert model.llm.embed_tokens(torch.tensor([0])).shape[-1] == HIDDEN
     layer_weight = dict(model.llm.model.named_parameters())["model.layers.0.mlp.up_proj.weight"]
     assert layer_weight.grad is not None and layer_weight.grad.abs().sum() > 0
+
+
+def test_trains_a_step_on_a_pretrained_local_checkpoint(slice_root, stage_files):
+    """llm_path: the offline all-MiniLM-L6-v2 folder (a real BERT checkpoint) as MMESID's backbone: its
+    WordPiece tokenizer encodes the prompt, LoRA on its attention trains, its own weights stay as stored,
+    and scoring covers every item."""
+    from safetensors.torch import load_file
+
+    from tests.test_llm import minilm_path
+
+    generator = torch.Generator().manual_seed(1)
+    semantic_ids = torch.load(stage_files["mmesid_sid_file"], weights_only=True)
+    # sid_init: codebook needs codebooks as wide as the backbone (MiniLM: 384)
+    semantic_ids["codebooks"] = {name: torch.randn(LEVELS, CODES, 384, generator=generator)
+                                 for name in semantic_ids["codebooks"]}
+    wide_sid_file = slice_root / "sid-384.pt"
+    torch.save(semantic_ids, wide_sid_file)
+    _, (train, valid, _), model, _ = build_mmesid(
+        slice_root, {**stage_files, "mmesid_sid_file": str(wide_sid_file)}, llm_path=minilm_path(),
+        lora_target_modules=["query", "value"], lora_rank=2)
+    assert model.llm.hidden_size == 384
+    tokenizer = model.llm.tokenizer
+    words = tokenizer.convert_ids_to_tokens(list(model.prompt_prefix))
+    assert {"given", "user", "purchase", "history"} <= set(words)  # MiniLM's WordPiece vocabulary
+    stored = load_file(str(Path(minilm_path()) / "model.safetensors"))
+    query_weight = next(p for n, p in model.llm.named_parameters() if n.endswith("layer.0.attention.self.query.base_layer.weight"))
+    assert not query_weight.requires_grad
+    torch.testing.assert_close(query_weight.detach(), stored["encoder.layer.0.attention.self.query.weight"])
+
+    model.calculate_loss(first_batch(train)).backward()
+    lora_b = [p for n, p in model.llm.named_parameters() if "lora_B" in n]
+    assert len(lora_b) == 2 * 6  # query and value in each of MiniLM's six layers
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora_b)
+    model.eval()
+    batch = next(iter(valid))
+    interaction = batch[0] if isinstance(batch, tuple) else batch
+    with torch.no_grad():
+        scores = model.full_sort_predict(interaction)
+    assert scores.shape == (len(interaction), model.n_items) and torch.isfinite(scores).all()
 
 
 # ---- analysis tools ------------------------------------------------------------------------
