@@ -132,7 +132,6 @@ def profile_one(model, width, steps, batch_size, queue):
         config_dict.update(model_settings_for_profile(model, config_dict, Path(os.getcwd())))
         config, (train_data, _, _), net, trainer = build(model, "Scientific20", config_dict=config_dict)
         batches = [batch for _, batch in zip(range(steps + 3), train_data)]
-        optimizer = trainer.optimizer
         net.train()
         stages = net.training_stages() if hasattr(net, "training_stages") else [None]
         results = []
@@ -140,8 +139,9 @@ def profile_one(model, width, steps, batch_size, queue):
             if stage is not None:
                 net.enter_stage(stage)
             results.append({"model": model if stage is None else f"{model} stage {stage.name}", "width": width,
-                            **time_steps(net, optimizer, batches, steps)})
+                            **time_steps(net, trainer, batches, steps)})
             results[-1].update({"hidden": config["hidden_size"] or config["llm_hidden_size"], "batch": config["train_batch_size"],
+                                "pieces": config["train_micro_batch_size"],
                                 "params": sum(p.numel() for p in net.parameters() if p.requires_grad),
                                 "steps_per_epoch": len(train_data)})
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -150,16 +150,15 @@ def profile_one(model, width, steps, batch_size, queue):
         queue.put([{"model": model, "width": width, "status": "failed", "error": f"{type(error).__name__}: {error}"}])
 
 
-def time_steps(net, optimizer, batches, steps):
-    """Step time, counted FLOPs, GEMM speed and top operators of ``net``'s training step on ``batches``."""
+def time_steps(net, trainer, batches, steps):
+    """Step time, counted FLOPs, GEMM speed and top operators of ``net``'s training step on ``batches``: the
+    trainer's own update of one batch (in pieces of ``train_micro_batch_size`` rows where the config sets it)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
     from torch.utils.flop_counter import FlopCounterMode
 
     def step(batch):
-        optimizer.zero_grad()
-        net.calculate_loss(batch).backward()
-        optimizer.step()
+        trainer._train_epoch([batch], 0)
 
     clock = time.process_time
     step(batches[0])  # warm-up
@@ -211,8 +210,9 @@ def markdown(rows, header):
             continue
         base = sasrec.get(row["width"])
         ratio = f"{row['step_s'] / base['step_s']:.2f}" if base else "-"
+        pieces = f" (pieces of {row['pieces']})" if row.get("pieces") else ""
         lines.append(
-            f"| {row['model']} | {row['width']} (d={row['hidden']}) | {row['batch']} | {row['params']:,} | "
+            f"| {row['model']} | {row['width']} (d={row['hidden']}) | {row['batch']}{pieces} | {row['params']:,} | "
             f"{row['step_s']:.2f} | {row['step_s'] * row['steps_per_epoch']:.0f} | {row['gflop']:.1f} | "
             f"{row['achieved']:.1f} | {row['gemm']:.1f} | {row['achieved'] / row['gemm']:.2f} | {ratio} | "
             f"{row['anomaly_step_s']:.2f} | {row['peak_rss_mib']:.0f} | {', '.join(row['top'])} |")

@@ -280,6 +280,7 @@ def test_an_option_at_its_behaviour_preserving_default_keeps_stored_cells():
     assert config_hash(with_defaults) == config_hash(before)
     assert config_hash({**with_defaults, "optimizer_eps": 1e-9}) != config_hash(before)
     assert config_hash({**with_defaults, "gradient_accumulation_loss": "sum"}) != config_hash(before)
+    assert config_hash({**with_defaults, "train_micro_batch_size": 128}) != config_hash(before)
     assert config_hash({**before, "learning_rate": 0.003}) != config_hash(before)
 
 

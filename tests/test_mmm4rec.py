@@ -368,35 +368,43 @@ def test_cli_one_epoch_on_scientific(scientific_dir, in_tmp_cwd, capsys):
 
 
 def test_micro_batches_make_the_update_of_the_whole_batch(in_tmp_cwd):
-    """train_batch_size b/k with gradient_accumulation_steps k (the memory setting of docs/models/MMM4Rec.md):
-    RecBole's loader meets the same rows in the same order whatever the batch size, and k accumulated
-    micro-batches make the SGD update theta - lr * grad(mean loss over the whole batch), written out here
-    from one backward pass over the whole batch (time path on, dropout off)."""
+    """MMM4Rec's default trains each batch in pieces of 128 rows (train_micro_batch_size); here pieces of 8 of a
+    batch of 32 make the SGD update theta - lr * grad(mean loss over the whole batch), written out from one
+    backward pass over the whole batch (time path on, dropout off)."""
+    from recbole_mm.config import Config
+
     root = in_tmp_cwd / "data"
     write_timestamped_dataset(root)
+    assert Config("MMM4Rec", "TimeToy", config_dict=timestamped_config(root))["train_micro_batch_size"] == 128
     lr = 0.5
     common = dict(dropout_prob=0.0, embedding_drop_prob=0.0, time_dropout_prob=0.0, learner="sgd",
-                  learning_rate=lr, weight_decay=0.0)
-    _, (whole_loader, _, _), whole, _ = build("MMM4Rec", "TimeToy", config_dict=timestamped_config(
-        root, train_batch_size=32, **common))
-    _, (micro_loader, _, _), micro, micro_trainer = build("MMM4Rec", "TimeToy", config_dict=timestamped_config(
-        root, train_batch_size=8, gradient_accumulation_steps=4, **common))
-    assert micro.is_time
-    whole_batch = next(iter(whole_loader))
-    micro_batches = [batch for _, batch in zip(range(4), micro_loader)]
-    assert len(whole_batch) == 32 and [len(batch) for batch in micro_batches] == [8] * 4
-    for field in (whole.ITEM_SEQ, whole.POS_ITEM_ID, whole.TIME_SEQ):
-        assert torch.equal(torch.cat([batch[field] for batch in micro_batches]), whole_batch[field]), field
-
+                  learning_rate=lr, weight_decay=0.0, train_batch_size=32)
+    _, (train, _, _), whole, _ = build("MMM4Rec", "TimeToy", config_dict=timestamped_config(
+        root, train_micro_batch_size=None, **common))
+    _, _, micro, micro_trainer = build("MMM4Rec", "TimeToy", config_dict=timestamped_config(
+        root, train_micro_batch_size=8, **common))
+    assert micro.is_time and micro_trainer.micro_batch_rows == 8
+    batch = next(iter(train))
+    assert len(batch) == 32
     micro.load_state_dict(whole.state_dict())
     whole.train()
-    whole.calculate_loss(whole_batch).backward()
+    whole.calculate_loss(batch).backward()
     expected = {name: (parameter - lr * parameter.grad).detach()
                 for name, parameter in whole.named_parameters() if parameter.grad is not None}
     assert len(expected) == len([p for p in whole.parameters() if p.requires_grad])
-    micro_trainer._train_epoch(micro_batches, 0)
+    micro_trainer._train_epoch([batch], 0)
     for name, parameter in micro.named_parameters():
         assert torch.allclose(parameter, expected[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_in_batch_loss_trains_on_whole_batches(in_tmp_cwd, caplog):
+    """In-batch CE (eq. 21) takes its negatives from the batch's other rows: pieces would change the loss."""
+    write_timestamped_dataset(in_tmp_cwd / "data")
+    with caplog.at_level(logging.WARNING):
+        _, _, model, trainer = build("MMM4Rec", "TimeToy", config_dict=timestamped_config(
+            in_tmp_cwd / "data", in_batch_loss=True, train_micro_batch_size=8))
+    assert model.loss_couples_batch_rows and trainer.micro_batch_rows is None
+    assert any("train_micro_batch_size: 8 is ignored" in record.getMessage() for record in caplog.records)
 
 
 def test_cli_one_epoch_on_a_timestamped_dataset(in_tmp_cwd, capsys):

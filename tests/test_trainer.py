@@ -150,6 +150,34 @@ def test_an_epochs_last_shorter_group_is_the_mean_over_its_rows(slice_root, micr
         assert torch.allclose(a, b, atol=1e-6), name
 
 
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_micro_batches_make_the_update_of_the_whole_batch(slice_root, accumulation):
+    """train_micro_batch_size: a batch's forward/backward in pieces of at most that many rows (27 = 8 + 8 + 8 + 3)
+    makes the update of the batch in one pass, alone and with gradient accumulation; the logged loss is the
+    batch's mean loss."""
+    _, train, model_a, trainer_a = deterministic_copy(slice_root, train_micro_batch_size=8,
+                                                      gradient_accumulation_steps=accumulation)
+    _, _, model_b, trainer_b = deterministic_copy(slice_root, gradient_accumulation_steps=accumulation)
+    model_b.load_state_dict(model_a.state_dict())
+    rows = next(iter(train))
+    batches = [rows[torch.arange(0, 27)], rows[torch.arange(27, 40)]]
+    pieces = []
+    original = model_a.calculate_loss
+    model_a.calculate_loss = lambda part: pieces.append(len(part)) or original(part)
+    loss_a = trainer_a._train_epoch(batches, 0)
+    loss_b = trainer_b._train_epoch(batches, 0)
+    assert pieces == [8, 8, 8, 3, 8, 5]
+    assert loss_a == pytest.approx(loss_b, rel=1e-5)
+    for (name, a), b in zip(model_a.named_parameters(), model_b.parameters()):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+@pytest.mark.parametrize("value", [0.5, -3, "many"])
+def test_a_bad_micro_batch_size_is_refused(slice_root, value):
+    with pytest.raises(RecboleMMError, match=f"train_micro_batch_size: {value!r} must be a positive number of rows"):
+        deterministic_copy(slice_root, train_micro_batch_size=value)
+
+
 def test_warmup_cosine_schedule(slice_root):
     _, train, model, trainer = deterministic_copy(
         slice_root, lr_scheduler="warmup_cosine", warmup_steps=2, epochs=1)

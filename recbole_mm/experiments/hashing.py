@@ -31,6 +31,7 @@ PLACEMENT_KEYS = ("checkpoint_dir", "device", "gpu_id", "use_gpu", "show_progres
 # default keeps every stored cell valid; any other value is a different cell.
 BEHAVIOUR_PRESERVING_DEFAULTS = {
     "gradient_accumulation_loss": "mean",
+    "train_micro_batch_size": None,
     "mixed_precision": None,
     "no_weight_decay_on": [],
     "optimizer_eps": None,

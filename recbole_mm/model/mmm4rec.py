@@ -291,6 +291,7 @@ class MMM4Rec(MultimodalSequentialRecommender):
         self.num_layers = config["num_layers"]
         self.temperature = float(config["temperature"])
         self.in_batch_loss = bool(config["in_batch_loss"])
+        self.loss_couples_batch_rows = self.in_batch_loss  # eq. 21's negatives are the batch's other targets
         self.mask_in_batch_duplicates = bool(config["mask_in_batch_duplicates"])
         self.is_modality_bias = bool(config["is_modality_bias"])
         self.leak_target_timestamp = bool(config["leak_target_timestamp"])

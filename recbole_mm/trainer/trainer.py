@@ -240,6 +240,8 @@ class MMTrainer(DistributedTrainingMixin, SafeCheckpointMixin, Trainer):
     - ``learner``: RecBole's (adam, adamw, sgd, adagrad, rmsprop, sparse_adam) plus ``nadam``;
       an unknown name is an error instead of RecBole's silent fallback to Adam;
     - ``gradient_accumulation_steps``; ``clip_grad_norm`` (RecBole's key);
+    - ``train_micro_batch_size``: each batch's forward and backward in pieces of at most this many rows
+      (gradients added with row weights: the batch's update, with a fraction of its activation memory);
     - ``lr_scheduler``: ``warmup_cosine`` | ``warmup_linear`` with ``warmup_steps`` (optimizer steps);
     - ``mixed_precision``: ``bf16`` | ``fp16`` autocast of training forward passes on CUDA (fp16 without a
       gradient scaler: prefer bf16);
@@ -268,6 +270,7 @@ class MMTrainer(DistributedTrainingMixin, SafeCheckpointMixin, Trainer):
                 f"gradient_accumulation_loss: {self.accumulation_loss!r} is not known; use mean (the accumulated "
                 "gradient equals one large batch's) or sum (the micro-batch losses added, as MMM4Rec's authors do)."
             )
+        self.micro_batch_rows = self._micro_batch_rows(config["train_micro_batch_size"], model)
         self.scheduler_name = config["lr_scheduler"]
         self.warmup_steps = int(config["warmup_steps"] or 0)
         if self.scheduler_name not in (None, "warmup_cosine", "warmup_linear"):
@@ -278,6 +281,20 @@ class MMTrainer(DistributedTrainingMixin, SafeCheckpointMixin, Trainer):
         self.schedule_start_epoch = 0  # the first epoch of the run, or of the current stage
         self.stage_name = None
         self.autocast_dtype = self._autocast_dtype(config["mixed_precision"])
+
+    def _micro_batch_rows(self, micro_batch_size, model):
+        """``train_micro_batch_size``: ~ (whole batches) or the most rows one forward/backward takes."""
+        if micro_batch_size in (None, 0):
+            return None
+        if not isinstance(micro_batch_size, int) or isinstance(micro_batch_size, bool) or micro_batch_size < 1:
+            raise RecboleMMError(f"train_micro_batch_size: {micro_batch_size!r} must be a positive number of rows "
+                                 "or ~ (whole batches).")
+        if getattr(model, "loss_couples_batch_rows", False):
+            self.logger.warning(f"train_micro_batch_size: {micro_batch_size} is ignored: {type(model).__name__}'s loss "
+                                "takes its negatives from the other rows of the batch (in-batch CE), so it trains on "
+                                "whole batches.")
+            return None
+        return micro_batch_size
 
     def _autocast_dtype(self, mixed_precision):
         """``mixed_precision``: ~ (off) | bf16 | fp16, CUDA only: training forward passes under torch.autocast."""
@@ -339,6 +356,24 @@ class MMTrainer(DistributedTrainingMixin, SafeCheckpointMixin, Trainer):
 
         return optim.lr_scheduler.LambdaLR(self.optimizer, factor)
 
+    def _forward(self, loss_func, interaction):
+        if self.autocast_dtype is not None:
+            with torch.autocast(device_type="cuda", dtype=self.autocast_dtype):
+                return loss_func(interaction)
+        with torch.autocast(device_type=self.device.type, enabled=self.enable_amp):
+            return loss_func(interaction)
+
+    def _micro_batches(self, interaction):
+        """(part, share of the batch's rows): the batch in pieces of at most ``train_micro_batch_size``
+        rows (activations for backward are kept for one piece at a time), or whole."""
+        rows = len(interaction)
+        if not self.micro_batch_rows or rows <= self.micro_batch_rows:
+            yield interaction, 1.0
+            return
+        for start in range(0, rows, self.micro_batch_rows):
+            index = torch.arange(start, min(start + self.micro_batch_rows, rows), device=self.device)
+            yield interaction[index], len(index) / rows
+
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
         self.model.train()
         loss_func = loss_func or self.model.calculate_loss
@@ -361,27 +396,26 @@ class MMTrainer(DistributedTrainingMixin, SafeCheckpointMixin, Trainer):
             if not self.config["single_spec"]:
                 self.set_reduce_hook()
                 sync_loss = self.sync_grad_loss()
-            if self.autocast_dtype is not None:
-                with torch.autocast(device_type="cuda", dtype=self.autocast_dtype):
-                    losses = loss_func(interaction)
-            else:
-                with torch.autocast(device_type=self.device.type, enabled=self.enable_amp):
-                    losses = loss_func(interaction)
-            if isinstance(losses, tuple):
-                loss = sum(losses)
-                loss_tuple = tuple(part.item() for part in losses)
-                total_loss = loss_tuple if total_loss is None else tuple(map(sum, zip(total_loss, loss_tuple)))
-            else:
-                loss = losses
-                total_loss = loss.item() if total_loss is None else total_loss + loss.item()
-            self._check_nan(loss)
             if batch_idx % self.accumulation_steps == 0:
                 group_batch_rows, group_rows = len(interaction), 0
             group_rows += len(interaction)
-            # mean: each micro-batch's mean loss weighted by its share of the update's rows, so k
-            # accumulated micro-batches make the whole batch's mean-loss update
+            # mean: each batch's mean loss weighted by its share of the update's rows, so k accumulated
+            # batches make the mean-loss update of one k-times larger batch
             scale = self.accumulation_steps * group_batch_rows / len(interaction) if self.accumulation_loss == "mean" else 1
-            ((loss + sync_loss) / scale).backward()
+            batch_loss = None
+            for part, share in self._micro_batches(interaction):
+                losses = self._forward(loss_func, part)
+                loss = sum(losses) if isinstance(losses, tuple) else losses
+                self._check_nan(loss)
+                # a micro-batch's mean loss weighted by its share of the batch's rows: their gradients add up
+                # to the gradient of the batch's mean loss
+                ((loss * share + sync_loss) / scale).backward()
+                sync_loss = 0
+                values = tuple(share * value.item() for value in losses) if isinstance(losses, tuple) else share * loss.item()
+                batch_loss = values if batch_loss is None else (
+                    tuple(map(sum, zip(batch_loss, values))) if isinstance(values, tuple) else batch_loss + values)
+            total_loss = batch_loss if total_loss is None else (
+                tuple(map(sum, zip(total_loss, batch_loss))) if isinstance(batch_loss, tuple) else total_loss + batch_loss)
             last_batch = batch_idx + 1 == len(train_data)
             if (batch_idx + 1) % self.accumulation_steps == 0 or last_batch:
                 if self.accumulation_loss == "mean" and group_rows != self.accumulation_steps * group_batch_rows:
