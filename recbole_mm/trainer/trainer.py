@@ -371,8 +371,8 @@ class MMTrainer(DistributedTrainingMixin, SafeCheckpointMixin, Trainer):
             yield interaction, 1.0
             return
         for start in range(0, rows, self.micro_batch_rows):
-            index = torch.arange(start, min(start + self.micro_batch_rows, rows), device=self.device)
-            yield interaction[index], len(index) / rows
+            stop = min(start + self.micro_batch_rows, rows)
+            yield interaction[start:stop], (stop - start) / rows  # a slice: views of the batch's tensors
 
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
         self.model.train()
