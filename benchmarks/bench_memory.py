@@ -18,7 +18,8 @@ Scientific copy of ``bench_profile.py`` (item lists cut to 20):
   count), and peak minus floor: what training adds (activations, gradients, optimiser state);
 - s / update: median CPU time of one batch's update (all k pieces and the optimiser step).
 
-Writes a markdown table to ``--output`` (default benchmarks/results/memory_scientific.md) and prints it.
+RecBole's built-in models (SASRec) train with RecBole's own trainer, which has no pieces: they get one row
+per width, whole batches, as a reference. Writes a markdown table to ``--output`` (default benchmarks/results/memory_scientific.md) and prints it.
 """
 import argparse
 import multiprocessing
@@ -159,10 +160,14 @@ def main():
     torch.set_num_threads(1)  # as in every measuring child (the machine line says so)
 
     load_before = os.getloadavg()[0]
+    from recbole_mm.utils import get_model
+
     rows = []
     for model in args.models:
+        # RecBole's built-ins train with RecBole's own trainer (whole batches): a reference row each
+        pieces = [1] if get_model(model).__module__.startswith("recbole.") else args.micro_batches
         for width in args.widths:
-            for k in args.micro_batches:
+            for k in pieces:
                 rows.append(run_isolated(model, width, k, args.steps))
                 print(rows[-1], flush=True)
     header = (f"# Training memory: activations and micro-batches (`train_micro_batch_size`)\n\n`python benchmarks/bench_memory.py --models "

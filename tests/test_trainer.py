@@ -178,6 +178,29 @@ def test_a_bad_micro_batch_size_is_refused(slice_root, value):
         deterministic_copy(slice_root, train_micro_batch_size=value)
 
 
+def test_trainer_options_on_a_recbole_model_are_named_as_without_effect(slice_root, caplog):
+    """RecBole's built-ins train with RecBole's trainer: MMTrainer's options set for them are reported, not dropped
+    silently; a recbole-mm model reads them."""
+    import logging
+
+    options = dict(train_micro_batch_size=8, gradient_accumulation_steps=2, lr_scheduler="warmup_linear")
+    with caplog.at_level(logging.WARNING):
+        build_slice(slice_root, model="SASRec", **options)
+    warned = [record.getMessage() for record in caplog.records if "RecBole's own trainer" in record.getMessage()]
+    assert warned == ["SASRec trains with RecBole's own trainer, which does not read gradient_accumulation_steps, "
+                      "train_micro_batch_size, lr_scheduler (recbole-mm's trainer options for recbole-mm models): "
+                      "they have no effect on this run"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        _, _, _, trainer = build_slice(slice_root, **options)
+    assert trainer.micro_batch_rows == 8 and trainer.accumulation_steps == 2
+    assert not any("RecBole's own trainer" in record.getMessage() for record in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        build_slice(slice_root, model="SASRec")
+    assert not any("RecBole's own trainer" in record.getMessage() for record in caplog.records)
+
+
 def test_warmup_cosine_schedule(slice_root):
     _, train, model, trainer = deterministic_copy(
         slice_root, lr_scheduler="warmup_cosine", warmup_steps=2, epochs=1)

@@ -14,6 +14,8 @@ from recbole_mm.data.utils import create_dataset
 from recbole_mm.evaluator.candidate_protocol import with_candidate_protocol
 from recbole_mm.model.mmesid import MMESID
 from recbole_mm.quick_start.transfer import load_pretrained, parse_dataset_list, pretrain
+from recbole_mm.trainer import MMTrainer
+from recbole_mm.trainer.trainer import options_only_mmtrainer_reads
 from recbole_mm.utils import RecboleMMError, get_model, get_trainer
 
 
@@ -68,6 +70,10 @@ def build(model, dataset, config_file_list=None, config_dict=None, cmd_args=()):
     if config["candidate_protocol"]:
         trainer_class = with_candidate_protocol(trainer_class)
     trainer = trainer_class(config, model)
+    if not isinstance(trainer, MMTrainer) and options_only_mmtrainer_reads(config):
+        logger.warning(f"{config['model']} trains with RecBole's own trainer, which does not read "
+                       f"{', '.join(options_only_mmtrainer_reads(config))} (recbole-mm's trainer options for recbole-mm "
+                       "models): they have no effect on this run")
     if config["candidate_protocol"]:
         trainer.prepare_candidate_source(train_data.dataset)
     return config, (train_data, valid_data, test_data), model, trainer

@@ -234,6 +234,19 @@ class TrainingStage:
     options: dict = field(default_factory=dict)
 
 
+# MMTrainer's options at the values that leave RecBole's training loop as it is; RecBole's built-in models
+# train with RecBole's own trainer, which reads none of them.
+MMTRAINER_OPTION_DEFAULTS = {
+    "gradient_accumulation_steps": 1, "gradient_accumulation_loss": "mean", "train_micro_batch_size": None,
+    "optimizer_eps": None, "no_weight_decay_on": [], "lr_scheduler": None, "warmup_steps": 0, "mixed_precision": None,
+}
+
+
+def options_only_mmtrainer_reads(config):
+    """The MMTrainer options ``config`` sets away from their defaults."""
+    return [key for key, default in MMTRAINER_OPTION_DEFAULTS.items() if (config[key] or default) != default]
+
+
 class MMTrainer(DistributedTrainingMixin, SafeCheckpointMixin, Trainer):
     """Trainer for recbole-mm models. Adds, from config:
 
