@@ -172,6 +172,27 @@ def test_micro_batches_make_the_update_of_the_whole_batch(slice_root, accumulati
         assert torch.allclose(a, b, atol=1e-6), name
 
 
+def test_fmrlrec_defaults_to_pieces_that_make_the_whole_batch_update(slice_root):
+    """FMRLRec trains RecBole's 2048-row batches in pieces of 256 by default; pieces (here 8 of a 27-row batch) make
+    the whole batch's update, its gradient clipped once (clip_grad_norm max 5 from FMRLRec.yaml acts here)."""
+    overrides = dict(hidden_dropout_prob=0.0, lru_dropout_prob=0.0, learner="sgd", learning_rate=1.0,
+                     weight_decay=0.0, hidden_size=16, mrl_sizes=[8, 16])
+    config, (train, _, _), pieces_model, pieces_trainer = build_slice(slice_root, model="FMRLRec", **overrides)
+    assert read_model_yaml("FMRLRec")["train_micro_batch_size"] == 256 == config["train_micro_batch_size"]
+    pieces_trainer.micro_batch_rows = 8
+    _, _, whole_model, whole_trainer = build_slice(slice_root, model="FMRLRec", train_micro_batch_size=None,
+                                                   **overrides)
+    whole_model.load_state_dict(pieces_model.state_dict())
+    batch = next(iter(train))[slice(0, 27)]
+    whole_model.calculate_loss(batch).backward()
+    assert torch.nn.utils.get_total_norm([p.grad for p in whole_model.parameters() if p.grad is not None]) > 5
+    whole_model.zero_grad()
+    pieces_trainer._train_epoch([batch], 0)
+    whole_trainer._train_epoch([batch], 0)
+    for (name, a), b in zip(pieces_model.named_parameters(), whole_model.parameters()):
+        assert torch.allclose(a, b, atol=1e-5), name
+
+
 @pytest.mark.parametrize("value", [0.5, -3, "many"])
 def test_a_bad_micro_batch_size_is_refused(slice_root, value):
     with pytest.raises(RecboleMMError, match=f"train_micro_batch_size: {value!r} must be a positive number of rows"):
