@@ -47,8 +47,9 @@ def test_world_size_2_trains_and_evaluates_the_whole_test_set(scientific_dir, tm
     data_root = tmp_path / "data"
     write_scientific_slice(scientific_dir, data_root, n_users=121)
     # learned ID embeddings: items with identical feature rows still get distinct scores (no ties)
+    # training in pieces of 16 rows: several backward passes per optimiser step under DDP
     config = scientific_slice_config(data_root, eval_batch_size=16, checkpoint_dir=str(tmp_path / "saved"),
-                                     use_id_embedding=True)
+                                     use_id_embedding=True, train_micro_batch_size=16)
 
     result = launch("MMSASRec", "SciSlice", nproc=2, port=free_port(), backend="gloo", config_dict=config)
     assert result is not None and result["checkpoint"]

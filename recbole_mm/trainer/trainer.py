@@ -405,10 +405,6 @@ class MMTrainer(DistributedTrainingMixin, SafeCheckpointMixin, Trainer):
         self.optimizer.zero_grad()
         for batch_idx, interaction in enumerate(iter_data):
             interaction = interaction.to(self.device)
-            sync_loss = 0
-            if not self.config["single_spec"]:
-                self.set_reduce_hook()
-                sync_loss = self.sync_grad_loss()
             if batch_idx % self.accumulation_steps == 0:
                 group_batch_rows, group_rows = len(interaction), 0
             group_rows += len(interaction)
@@ -417,13 +413,17 @@ class MMTrainer(DistributedTrainingMixin, SafeCheckpointMixin, Trainer):
             scale = self.accumulation_steps * group_batch_rows / len(interaction) if self.accumulation_loss == "mean" else 1
             batch_loss = None
             for part, share in self._micro_batches(interaction):
+                sync_loss = 0
+                if not self.config["single_spec"]:
+                    # RecBole's DDP arms the gradient all-reduce for one backward pass: once per piece
+                    self.set_reduce_hook()
+                    sync_loss = self.sync_grad_loss()
                 losses = self._forward(loss_func, part)
                 loss = sum(losses) if isinstance(losses, tuple) else losses
                 self._check_nan(loss)
                 # a micro-batch's mean loss weighted by its share of the batch's rows: their gradients add up
                 # to the gradient of the batch's mean loss
                 ((loss * share + sync_loss) / scale).backward()
-                sync_loss = 0
                 values = tuple(share * value.item() for value in losses) if isinstance(losses, tuple) else share * loss.item()
                 batch_loss = values if batch_loss is None else (
                     tuple(map(sum, zip(batch_loss, values))) if isinstance(values, tuple) else batch_loss + values)
