@@ -22,7 +22,6 @@ RecBole's built-in models (SASRec) train with RecBole's own trainer, which has n
 per width, whole batches, as a reference. Writes a markdown table to ``--output`` (default benchmarks/results/memory_scientific.md) and prints it.
 """
 import argparse
-import multiprocessing
 import os
 import sys
 import tempfile
@@ -32,6 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_profile import in_fresh_process, width_settings  # noqa: E402
 from recbole_mm.utils.atomic import write_text_atomic  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -77,7 +77,6 @@ def measure_one(model, width, micro_batches, steps, queue):
         import logging
 
         from bench_mmm4rec import write_scientific_copy
-        from bench_profile import width_settings
         from recbole_mm.config import Config
         from recbole_mm.quick_start import build
 
@@ -113,16 +112,6 @@ def measure_one(model, width, micro_batches, steps, queue):
     except Exception as error:  # reported in the table; the other configurations still run
         queue.put({"model": model, "width": width, "micro_batches": micro_batches, "status": "failed",
                    "error": f"{type(error).__name__}: {error}"})
-
-
-def run_isolated(model, width, micro_batches, steps):
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    process = context.Process(target=measure_one, args=(model, width, micro_batches, steps, queue))
-    process.start()
-    result = queue.get()
-    process.join()
-    return result
 
 
 def markdown(rows, header):
@@ -168,7 +157,7 @@ def main():
         pieces = [1] if get_model(model).__module__.startswith("recbole.") else args.micro_batches
         for width in args.widths:
             for k in pieces:
-                rows.append(run_isolated(model, width, k, args.steps))
+                rows.append(in_fresh_process(measure_one, model, width, k, args.steps))
                 print(rows[-1], flush=True)
     header = (f"# Training memory: activations and micro-batches (`train_micro_batch_size`)\n\n`python benchmarks/bench_memory.py --models "
               f"{' '.join(args.models)} --widths {' '.join(args.widths)} --micro_batches "

@@ -187,14 +187,15 @@ def time_steps(net, trainer, batches, steps):
             "achieved": flops / step_s / 1e9, "gemm": gemm, "top": top}
 
 
-def run_isolated(model, width, steps, batch_size):
+def in_fresh_process(target, *args):
+    """What ``target(*args, queue)`` puts on its queue, run in a spawned process (peak RSS is its own)."""
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    process = context.Process(target=profile_one, args=(model, width, steps, batch_size, queue))
+    process = context.Process(target=target, args=(*args, queue))
     process.start()
-    results = queue.get()
+    result = queue.get()
     process.join()
-    return results
+    return result
 
 
 def markdown(rows, header):
@@ -242,7 +243,7 @@ def main():
         for model in args.models:
             if model in WIDE_BY_DEFAULT and width != "default":
                 continue
-            for row in run_isolated(model, width, args.steps, args.batch_size):
+            for row in in_fresh_process(profile_one, model, width, args.steps, args.batch_size):
                 rows.append(row)
                 print(f"done {row['model']} width {width}: {row.get('step_s', row.get('error'))}", flush=True)
     header = (f"Scientific train split (item lists cut to the last 20), median of {args.steps} training steps "
