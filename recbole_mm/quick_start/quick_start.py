@@ -70,10 +70,10 @@ def build(model, dataset, config_file_list=None, config_dict=None, cmd_args=()):
     if config["candidate_protocol"]:
         trainer_class = with_candidate_protocol(trainer_class)
     trainer = trainer_class(config, model)
-    if not isinstance(trainer, MMTrainer) and options_only_mmtrainer_reads(config):
-        logger.warning(f"{config['model']} trains with RecBole's own trainer, which does not read "
-                       f"{', '.join(options_only_mmtrainer_reads(config))} (recbole-mm's trainer options for recbole-mm "
-                       "models): they have no effect on this run")
+    unread = [] if isinstance(trainer, MMTrainer) else options_only_mmtrainer_reads(config)
+    if unread:
+        logger.warning(f"{config['model']} trains with RecBole's own trainer, which does not read {', '.join(unread)} "
+                       "(recbole-mm's trainer options for recbole-mm models): they have no effect on this run")
     if config["candidate_protocol"]:
         trainer.prepare_candidate_source(train_data.dataset)
     return config, (train_data, valid_data, test_data), model, trainer

@@ -247,6 +247,13 @@ def options_only_mmtrainer_reads(config):
     return [key for key, default in MMTRAINER_OPTION_DEFAULTS.items() if (config[key] or default) != default]
 
 
+def _add_losses(total, values):
+    """Running sum of logged losses: a number, or a tuple for models that return several losses."""
+    if total is None:
+        return values
+    return tuple(map(sum, zip(total, values))) if isinstance(values, tuple) else total + values
+
+
 class MMTrainer(DistributedTrainingMixin, SafeCheckpointMixin, Trainer):
     """Trainer for recbole-mm models. Adds, from config:
 
@@ -425,10 +432,8 @@ class MMTrainer(DistributedTrainingMixin, SafeCheckpointMixin, Trainer):
                 # to the gradient of the batch's mean loss
                 ((loss * share + sync_loss) / scale).backward()
                 values = tuple(share * value.item() for value in losses) if isinstance(losses, tuple) else share * loss.item()
-                batch_loss = values if batch_loss is None else (
-                    tuple(map(sum, zip(batch_loss, values))) if isinstance(values, tuple) else batch_loss + values)
-            total_loss = batch_loss if total_loss is None else (
-                tuple(map(sum, zip(total_loss, batch_loss))) if isinstance(batch_loss, tuple) else total_loss + batch_loss)
+                batch_loss = _add_losses(batch_loss, values)
+            total_loss = _add_losses(total_loss, batch_loss)
             last_batch = batch_idx + 1 == len(train_data)
             if (batch_idx + 1) % self.accumulation_steps == 0 or last_batch:
                 if self.accumulation_loss == "mean" and group_rows != self.accumulation_steps * group_batch_rows:
