@@ -421,3 +421,36 @@ def test_speeder_trains_a_step_on_a_pretrained_local_checkpoint(workdir):
     with torch.no_grad():
         scores = model.full_sort_predict(interaction)
     assert (torch.isfinite(scores).sum(dim=1) == model.num_candidates).all()
+
+
+def test_a_staged_run_is_converged_only_when_its_last_stage_stops_early(workdir, monkeypatch):
+    """The leaderboard's 'converged' for a model trained in stages: the stages' own epochs are the cap
+    (``epochs`` is not what Speeder runs), and only an early stop of the last stage counts."""
+    from recbole_mm.experiments import measure
+    from recbole_mm.experiments.leaderboard import is_converged
+
+    record = measure.measured_run("Speeder", "SciSlice", config_dict=speeder_config(
+        workdir, id_features="none", stage_modalities=[["text"], ["text", "image"]], stage_epochs=[1, 1],
+        epochs=300, stopping_step=10))
+    assert (record["epochs"], record["epoch_cap"], record["stopped_early"]) == (2, 2, False)
+    assert is_converged(record) is False
+
+    class Stage:
+        def __init__(self, name, epochs):
+            self.name, self.epochs = name, epochs
+
+    def fake_run(model, dataset, config_file_list, config_dict, saved, cmd_args, on_built, callback_fn):
+        """Stage 'a' stops early after 1 of its 3 epochs, stage 'b' runs ``ran`` of its 4."""
+        trainer = type("Trainer", (), {"stage_name": None, "_train_epoch": lambda self: None})()
+        staged = type("Model", (), {"training_stages": lambda self: [Stage("a", 3), Stage("b", 4)]})()
+        on_built({"epochs": 300}, staged, trainer, None)
+        for name in ["a"] + ["b"] * config_dict["ran"]:
+            trainer.stage_name = name
+            trainer._train_epoch()
+        return {}
+
+    monkeypatch.setattr(measure, "run", fake_run)
+    for ran, converged in ((4, False), (3, True)):
+        record = measure.measured_run("Staged", "D", config_dict={"ran": ran})
+        assert record["epoch_cap"] == 7 and record["epochs"] == 1 + ran
+        assert is_converged(record) is converged  # 1 + 3 < 7 epochs, but stage 'b' ran out when ran=4

@@ -114,6 +114,8 @@ def trial_points(space):
 
 
 def is_converged(record):
+    if "stopped_early" in record:  # a staged model: did its last stage stop before its epochs ran out
+        return record["stopped_early"]
     cap = record.get("epoch_cap")
     return None if cap is None or record.get("epochs") is None else record["epochs"] < cap
 
