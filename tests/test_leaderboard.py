@@ -70,10 +70,12 @@ def test_spec_errors_name_the_problem(tmp_path):
     assert trial_points({}) == [{}]
 
 
-def test_office_trains_the_points_scientific_tuning_chose():
-    """The Office spec says it reuses Scientific's tuning: each point must be the best validation trial
-    in Scientific's committed tuning.csv (read here independently of the runner)."""
-    office = load_spec(ROOT / "benchmarks" / "leaderboard" / "Office.yaml")
+@pytest.mark.parametrize("spec_name", ["Office", "Scientific-candidates"])
+def test_reusing_specs_train_the_points_scientific_tuning_chose(spec_name):
+    """Office and the candidate protocol say they reuse Scientific's tuning: each point must be the best
+    validation trial in Scientific's committed tuning.csv (read here independently of the runner); a
+    model Scientific did not tune runs its defaults (an empty space)."""
+    office = load_spec(ROOT / "benchmarks" / "leaderboard" / f"{spec_name}.yaml")
     assert office["tuned_on"] == "Scientific"
     best = {}
     with open(ROOT / "benchmarks" / "results" / "leaderboard" / "Scientific" / "tuning.csv", newline="") as handle:
@@ -81,7 +83,7 @@ def test_office_trains_the_points_scientific_tuning_chose():
             if row["status"] == "ok" and float(row["valid_score"]) > best.get(row["model"], (-1.0, None))[0]:
                 best[row["model"]] = (float(row["valid_score"]), yaml.safe_load(row["params"]))
     for model, space in office["models"].items():
-        assert trial_points(space) == [best[model][1]], model
+        assert trial_points(space) == [best[model][1] if model in best else {}], model
 
 
 def write_slice_budget(path, data, **training):
@@ -197,3 +199,29 @@ def test_a_second_leaderboard_run_on_one_output_stops_at_once(tmp_path):
         with pytest.raises(RecboleMMError, match="is in use by a leaderboard run"):
             run_leaderboard(load_spec(spec_path), tmp_path / "board", log=lambda message: None)
     assert not (tmp_path / "board" / "cells").exists()
+
+
+def test_candidate_protocol_leaderboard_pairs_each_users_top1_hit(scientific_dir, in_tmp_cwd):
+    """metric: vhr@1 names the table column (hits / rows) and the per-user pairs (each user's top-1 hit)."""
+    data = in_tmp_cwd / "data"
+    write_scientific_slice(scientific_dir, data, n_users=60)
+    budget = write_slice_budget(in_tmp_cwd / "budget.yaml", data, epochs=1, candidate_protocol=True,
+                                num_candidates=5, metrics=["HR", "ValidRatio", "VHR"], topk=[1],
+                                valid_metric="VHR@1")
+    spec_path = in_tmp_cwd / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump({
+        "dataset": "SciSlice", "reference": "SASRec", "metric": "vhr@1", "seeds": [2020],
+        "config_files": [str(budget)], "models": {"SASRec": {}, "MMSASRec": {}}}))
+    output = in_tmp_cwd / "board"
+    outcomes = run_leaderboard(load_spec(spec_path), output, isolate=False, log=lambda message: None)
+    hits = {}
+    for model in ("SASRec", "MMSASRec"):
+        (record,) = outcomes[model]["finals"]
+        values = record["per_user"]["metrics"]["vhr@1"]
+        assert set(values) <= {0.0, 1.0} and len(values) == 60
+        assert np.mean(values) == pytest.approx(record["test_result"]["vhr@1"], abs=1e-4)
+        hits[model] = dict(zip(record["per_user"]["users"], values))
+    change = np.mean([hits["MMSASRec"][u] for u in hits["SASRec"]]) / np.mean(list(hits["SASRec"].values())) - 1
+    table = (output / "table.md").read_text()
+    assert "vhr@1 vs SASRec" in table and f"{change:+.1%}" in table
+    assert (output / "vhr_at_1.png").stat().st_size > 0

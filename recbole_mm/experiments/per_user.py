@@ -2,7 +2,8 @@
 
 RecBole's evaluator averages each metric over the evaluated users; its top-k metrics compute the
 per-user values first (``metric_info``), so the same numbers are kept here before the mean, with
-the user each row belongs to. Candidate-protocol runs keep each user's top-1 hit (VHR@1's terms).
+the user each row belongs to. Candidate-protocol runs keep each user's top-1 hit as ``vhr@1`` (the
+terms VHR@1 averages, so a leaderboard's ``metric: vhr@1`` names both the table column and the pairs).
 """
 import numpy as np
 from recbole.evaluator.base_metric import TopkMetric
@@ -12,7 +13,7 @@ from recbole_mm.evaluator.candidate_metrics import candidate_answers
 
 
 def per_user_values(config, struct):
-    """``{metric@k: (n_users,) float array}`` for the run's top-k metrics (and ``hit@1`` under the
+    """``{metric@k: (n_users,) float array}`` for the run's top-k metrics (and ``vhr@1`` under the
     candidate protocol), computed from the evaluator's data struct as RecBole's metrics do."""
     values = {}
     for name in config["metrics"]:
@@ -25,7 +26,7 @@ def per_user_values(config, struct):
                 values[f"{name.lower()}@{k}"] = np.asarray(rows[:, k - 1], dtype=np.float64)
     if config["candidate_protocol"]:
         hit, _ = candidate_answers(struct)
-        values["hit@1"] = hit.astype(np.float64)
+        values["vhr@1"] = hit.astype(np.float64)
     return values
 
 
