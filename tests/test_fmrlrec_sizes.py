@@ -40,3 +40,25 @@ def test_leaderboard_cell_keeps_per_user_metrics_and_every_size(scientific_dir, 
     assert sorted(result["test_result_per_size"]) == [8, 16]
     # the per-user rows average to the reported (largest size's) test metric
     assert sum(metrics["ndcg@10"]) / len(users) == pytest.approx(float(result["test_result"]["ndcg@10"]), abs=1e-4)
+
+
+def test_family_command_reports_each_sizes_share_of_its_own_runs_largest(tmp_path, capsys):
+    import json
+
+    from recbole_mm.tools.fmrlrec import main
+
+    cells = tmp_path / "cells"
+    cells.mkdir()
+    runs = {2020: {"8": 0.02, "16": 0.03, "32": 0.04}, 2021: {"8": 0.03, "16": 0.05, "32": 0.06}}
+    for seed, per_size in runs.items():
+        (cells / f"FMRLRec_D_seed{seed}_x.json").write_text(json.dumps({
+            "model": "FMRLRec", "dataset": "D", "seed": seed,
+            "test_result_per_size": {size: {"ndcg@10": value} for size, value in per_size.items()}}))
+    assert main(["family", "--cells", str(cells)]) == 0
+    rows = {line.split("|")[1].strip(): line for line in capsys.readouterr().out.splitlines()[2:]}
+    # size 16: 0.03 / 0.04 = 75% and 0.05 / 0.06 = 83.3%, mean 79.2%, sample std 5.9%
+    assert rows["16"].endswith("| 79.2% ± 5.9% |") and "0.0300 (75.0%)" in rows["16"] and "(83.3%)" in rows["16"]
+    assert rows["8"].endswith("| 50.0% ± 0.0% |")
+    (cells / "FMRLRec_D_seed2022_y.json").write_text(json.dumps({"model": "FMRLRec", "seed": 2022}))
+    assert main(["family", "--cells", str(cells)]) == 2
+    assert "FMRLRec_D_seed2022_y.json: no 'test_result_per_size'" in capsys.readouterr().err

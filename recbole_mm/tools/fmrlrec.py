@@ -4,6 +4,7 @@ parameters against independently trained models (paper section 6.2-6.3, Fig. 3-4
     python -m recbole_mm.tools.fmrlrec evaluate --checkpoint saved/FMRLRec-X.pth [--split test] [--plot sizes.png]
     python -m recbole_mm.tools.fmrlrec extract  --checkpoint saved/FMRLRec-X.pth --size 64 --output saved/FMRLRec-64.pth
     python -m recbole_mm.tools.fmrlrec params   --checkpoint saved/FMRLRec-X.pth
+    python -m recbole_mm.tools.fmrlrec family   --cells benchmarks/results/leaderboard/Scientific/reruns [--plot f.png]
 
 Any further ``--key=value`` overrides the checkpoint's config (e.g. ``--data_path=...``).
 An extracted checkpoint is an ordinary FMRLRec checkpoint (hidden_size = size) written by the
@@ -14,6 +15,8 @@ and so does the main CLI without training:
 """
 
 import argparse
+import json
+import statistics
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -181,6 +184,48 @@ def save_submodel(checkpoint_path: str, size: int, output_path: str, cmd_args: S
     return small
 
 
+def family_retention(records: Sequence[dict], metric: str = "ndcg@10") -> Dict[int, List[float]]:
+    """Per nested size, each run's test ``metric`` as a fraction of its own largest size (paper Fig. 3's
+    question: how much of the full model does a size keep), from leaderboard cells that hold
+    ``test_result_per_size`` (FMRLRec runs report every size)."""
+    retention: Dict[int, List[float]] = {}
+    for record in records:
+        per_size = {int(size): result[metric] for size, result in record["test_result_per_size"].items()}
+        full = per_size[max(per_size)]
+        for size, value in per_size.items():
+            retention.setdefault(size, []).append(value / full)
+    return dict(sorted(retention.items()))
+
+
+def family_table(records: Sequence[dict], metric: str = "ndcg@10") -> str:
+    """Markdown: one column per run (seed), each size's metric and its share of the run's largest size."""
+    records = sorted(records, key=lambda record: record["seed"])
+    retention = family_retention(records, metric)
+    lines = ["| size | " + " | ".join(f"seed {r['seed']} {metric}" for r in records) + " | kept of the largest size |",
+             "|---:|" + "---:|" * (len(records) + 1)]
+    for size, shares in retention.items():
+        values = [r["test_result_per_size"][str(size)][metric] for r in records]
+        spread = f" ± {statistics.stdev(shares):.1%}" if len(shares) > 1 else ""
+        lines.append(f"| {size} | " + " | ".join(f"{v:.4f} ({share:.1%})" for v, share in zip(values, shares))
+                     + f" | {statistics.mean(shares):.1%}{spread} |")
+    return "\n".join(lines)
+
+
+def read_family_cells(paths: Sequence[str]) -> List[dict]:
+    """FMRLRec cell records (JSON) from files or folders; cells without per-size results are refused by name."""
+    files = [f for p in map(Path, paths) for f in (sorted(p.glob("FMRLRec_*.json")) if p.is_dir() else [p])]
+    if not files:
+        raise RecboleMMError(f"no FMRLRec_*.json cell in {', '.join(paths)}.")
+    records = []
+    for file in files:
+        record = json.loads(file.read_text(encoding="utf-8"))
+        if not record.get("test_result_per_size"):
+            raise RecboleMMError(f"{file}: no 'test_result_per_size' (the cell was trained before FMRLRec runs "
+                                 "reported every size); train it again, e.g. into another leaderboard --output.")
+        records.append(record)
+    return records
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -194,8 +239,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     extract.add_argument("--output", required=True)
     params = commands.add_parser("params", help="parameter accounting vs independent models")
     params.add_argument("--checkpoint", required=True)
+    family = commands.add_parser("family", help="every size's share of the full size over stored runs (seeds)")
+    family.add_argument("--cells", nargs="+", required=True, help="leaderboard cell files or folders")
+    family.add_argument("--metric", default="ndcg@10")
+    family.add_argument("--plot", default=None, help="PNG path for the mean metric vs size")
     args, cmd_args = parser.parse_known_args(argv)  # the rest: --key=value config overrides
     try:
+        if args.command == "family":
+            records = read_family_cells(args.cells)
+            print(family_table(records, args.metric))
+            if args.plot:
+                sizes = sorted(int(size) for size in records[0]["test_result_per_size"])
+                means = [{args.metric: statistics.mean(r["test_result_per_size"][str(size)][args.metric]
+                                                       for r in records)} for size in sizes]
+                plot_sizes(sizes, means, args.plot, f"FMRLRec on {records[0]['dataset']} (test, mean of "
+                                                    f"{len(records)} seeds)")
+                print(f"plot: {args.plot}")
+            return 0
         if args.command == "extract":
             small = save_submodel(args.checkpoint, args.size, args.output, cmd_args)
             print(f"wrote {args.output}: FMRLRec hidden_size={args.size}, mrl_sizes={small.mrl_sizes}, "
