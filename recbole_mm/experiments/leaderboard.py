@@ -237,7 +237,8 @@ def write_outputs(output, spec, outcomes, header_lines, ablations=None):
     tuned = f"params (tuned on {spec['tuned_on']})" if spec.get("tuned_on") else "best params (tuned on valid)"
     head = (["model", tuned, "valid score"] + [f"test {key}" for key in test_keys]
             + ["converged", "epochs", "trainable params", f"{metric} vs {reference}", "p (paired t)", "p (Wilcoxon)"])
-    lines = [f"# Leaderboard: {spec['dataset']}", "", *header_lines, "",
+    lines = [f"# Leaderboard: {spec['dataset']}", "", *([spec["description"], ""] if spec.get("description") else []),
+             *header_lines, "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     with open_atomic(output / "table.csv", "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
@@ -349,15 +350,16 @@ def run_leaderboard(spec, output, models=None, config_dict=None, cmd_args=(), jo
     ablations_to_train = [name for name in selected if name in spec["ablations"]]
     config_dict = {"checkpoint_dir": str(Path("saved") / "leaderboard" / spec["dataset"]), "show_progress": False,
                    **(config_dict or {})}
-    tuning = (f"each model trains the point tuned on {spec['tuned_on']} (that leaderboard's best validation point; "
-              f"nothing tuned on {spec['dataset']}) on every seed" if spec.get("tuned_on") else
+    tuning = (f"each model trains the point tuned on {spec['tuned_on']}'s leaderboard (its best validation point there; "
+              "nothing tuned under this spec; a model that leaderboard did not tune runs its defaults) on every seed"
+              if spec.get("tuned_on") else
               f"each model tuned over at most {spec['max_trials']} points on seed {spec['seeds'][0]}'s validation "
               "score, then its best point trained on every seed")
     header = [f"Seeds: {', '.join(map(str, spec['seeds']))}; {tuning}; test metrics "
               f"of the best-validation checkpoint, mean ± sample std over seeds. Significance: {spec['metric']} per "
               f"test user against {spec['reference']}, paired by user and seed, pooled over seeds.",
               f"Config files: {' '.join(spec['config_files']) or 'none'}; overrides: {' '.join(cmd_args) or 'none'}. "
-              "converged = runs that early-stopped before their epoch cap."]
+              "converged = runs that early-stopped before their epoch cap (a model trained in stages: its last stage)."]
     with output_lock(output, "a leaderboard run"):
         store = ResultsStore(output)
         outcomes = {}
