@@ -225,3 +225,18 @@ def test_candidate_protocol_leaderboard_pairs_each_users_top1_hit(scientific_dir
     table = (output / "table.md").read_text()
     assert "vhr@1 vs SASRec" in table and f"{change:+.1%}" in table
     assert (output / "vhr_at_1.png").stat().st_size > 0
+
+
+def test_default_output_is_named_after_the_spec_file_not_its_dataset(scientific_dir, in_tmp_cwd):
+    """Two specs of one dataset (full ranking, candidate protocol) must not write over each other's tables."""
+    from recbole_mm.experiments.leaderboard import main
+
+    data = in_tmp_cwd / "data"
+    write_scientific_slice(scientific_dir, data, n_users=20)
+    budget = write_slice_budget(in_tmp_cwd / "budget.yaml", data, epochs=1)
+    spec_path = in_tmp_cwd / "SciSlice-candidates.yaml"
+    spec_path.write_text(yaml.safe_dump({"dataset": "SciSlice", "reference": "SASRec", "metric": "ndcg@10",
+                                         "seeds": [2020], "config_files": [str(budget)], "models": {"SASRec": {}}}))
+    main(["--spec", str(spec_path), "--report"])
+    boards = in_tmp_cwd / "benchmarks" / "results" / "leaderboard"
+    assert (boards / "SciSlice-candidates" / "table.md").is_file() and not (boards / "SciSlice").exists()

@@ -1,7 +1,7 @@
 """A converged, tuned, multi-seed leaderboard on one dataset, with paired significance.
 
     python -m recbole_mm.experiments.leaderboard --spec benchmarks/leaderboard/Scientific.yaml \
-        [--output benchmarks/results/leaderboard/Scientific] [--jobs 2] [--models SASRec FMRLRec] [--key=value ...]
+        [--output benchmarks/results/leaderboard/Scientific]   (default: named after the spec file) [--jobs 2] [--models SASRec FMRLRec] [--key=value ...]
 
 The spec (YAML) names the dataset, the models with their tuning spaces, the seeds, the shared
 config files (budget, width, early stopping) and the reference model::
@@ -442,7 +442,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m recbole_mm.experiments.leaderboard", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument("--spec", required=True, help="leaderboard spec (YAML)")
-    parser.add_argument("--output", default=None, help="default: benchmarks/results/leaderboard/<dataset>")
+    parser.add_argument("--output", default=None, help="default: benchmarks/results/leaderboard/<spec file name without .yaml>")
     parser.add_argument("--models", nargs="+", default=None, help="a subset of the spec's models")
     parser.add_argument("--jobs", type=int, default=1, help="models trained at once")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per cell")
@@ -451,7 +451,8 @@ def main(argv=None):
     args, overrides = parser.parse_known_args(argv)
     try:
         spec = load_spec(args.spec)
-        output = args.output or Path("benchmarks") / "results" / "leaderboard" / spec["dataset"]
+        # named after the spec, not its dataset: two specs of one dataset (full ranking, candidates) keep apart
+        output = args.output or Path("benchmarks") / "results" / "leaderboard" / Path(args.spec).stem
         outcomes = run_leaderboard(spec, output, args.models, cmd_args=overrides, jobs=args.jobs, timeout=args.timeout,
                                    train=not args.report)
     except RecboleMMError as error:
