@@ -75,14 +75,14 @@ def test_reusing_specs_train_the_points_scientific_tuning_chose(spec_name):
     """Office and the candidate protocol say they reuse Scientific's tuning: each point must be the best
     validation trial in Scientific's committed tuning.csv (read here independently of the runner); a
     model Scientific did not tune runs its defaults (an empty space)."""
-    office = load_spec(ROOT / "benchmarks" / "leaderboard" / f"{spec_name}.yaml")
-    assert office["tuned_on"] == "Scientific"
+    spec = load_spec(ROOT / "benchmarks" / "leaderboard" / f"{spec_name}.yaml")
+    assert spec["tuned_on"] == "Scientific"
     best = {}
     with open(ROOT / "benchmarks" / "results" / "leaderboard" / "Scientific" / "tuning.csv", newline="") as handle:
         for row in csv.DictReader(handle):
             if row["status"] == "ok" and float(row["valid_score"]) > best.get(row["model"], (-1.0, None))[0]:
                 best[row["model"]] = (float(row["valid_score"]), yaml.safe_load(row["params"]))
-    for model, space in office["models"].items():
+    for model, space in spec["models"].items():
         assert trial_points(space) == [best[model][1] if model in best else {}], model
 
 

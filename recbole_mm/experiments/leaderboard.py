@@ -1,7 +1,7 @@
 """A converged, tuned, multi-seed leaderboard on one dataset, with paired significance.
 
     python -m recbole_mm.experiments.leaderboard --spec benchmarks/leaderboard/Scientific.yaml \
-        [--output benchmarks/results/leaderboard/Scientific]   (default: named after the spec file) [--jobs 2] [--models SASRec FMRLRec] [--key=value ...]
+        [--output benchmarks/results/leaderboard/Scientific] [--jobs 2] [--models SASRec FMRLRec] [--key=value ...]
 
 The spec (YAML) names the dataset, the models with their tuning spaces, the seeds, the shared
 config files (budget, width, early stopping) and the reference model::
@@ -32,7 +32,7 @@ stored under ``<output>/cells``, reused on a rerun, so an interrupted leaderboar
 keep their test users' per-user metrics for the paired tests (``significance``). A cell whose run
 used every epoch of its cap did not early-stop: it is marked as not converged.
 
-Outputs in ``--output``: ``table.md`` / ``table.csv`` (one row per model), ``tuning.csv`` (every
+Outputs in ``--output`` (default ``benchmarks/results/leaderboard/<spec file name>``): ``table.md`` / ``table.csv`` (one row per model), ``tuning.csv`` (every
 trial), ``<metric>.png`` (test metric per model, mean and sample std over seeds). Tables are
 rewritten each time a model finishes; ``--jobs N`` trains N models at once (each cell in its own
 process; give each ``OMP_NUM_THREADS`` cores). The tables show every model of the spec whose cells

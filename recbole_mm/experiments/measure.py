@@ -43,15 +43,14 @@ def measured_run(model, dataset, config_file_list=None, config_dict=None, cmd_ar
     epochs to the best validation score, peak memory. Peak RSS is this process's maximum so far.
     ``per_user``: also the test users and their per-user metrics (``per_user.PerUserRecorder``)."""
     epoch_seconds, best_epoch, trainer_of_run, recorders, epoch_cap = [], [None], [], [], [None]
-    epoch_stages, stage_caps = [], {}
+    epoch_stages, last_stage = [], {}
 
     def instrument(config, model_obj, trainer, train_dataset):
         trainer_of_run.append(trainer)
         epoch_cap[0] = config["epochs"]
         stages = model_obj.training_stages() if hasattr(model_obj, "training_stages") else None
         if stages:  # a staged model (Speeder's MPO) runs each stage's own epochs, not ``epochs``
-            stage_caps.update((stage.name, stage.epochs) for stage in stages)
-            stage_caps["last"] = stages[-1].name
+            last_stage.update(name=stages[-1].name, epochs=stages[-1].epochs)
             epoch_cap[0] = sum(stage.epochs for stage in stages)
         if per_user:
             recorders.append(PerUserRecorder(config, trainer, train_dataset))
@@ -61,7 +60,7 @@ def measured_run(model, dataset, config_file_list=None, config_dict=None, cmd_ar
             start = time.perf_counter()
             result = train_epoch(*args, **kwargs)
             epoch_seconds.append(time.perf_counter() - start)
-            epoch_stages.append(trainer.stage_name if stage_caps else None)
+            epoch_stages.append(getattr(trainer, "stage_name", None))
             return result
 
         trainer._train_epoch = timed_train_epoch
@@ -83,11 +82,10 @@ def measured_run(model, dataset, config_file_list=None, config_dict=None, cmd_ar
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
     })
-    if stage_caps:
+    if last_stage:
         # converged = the last stage stopped early; an earlier stage that stops early shortens the run
         # without saying anything about how the final model was trained
-        last_stage_epochs = epoch_stages.count(stage_caps["last"])
-        result["stopped_early"] = last_stage_epochs < stage_caps[stage_caps["last"]]
+        result["stopped_early"] = epoch_stages.count(last_stage["name"]) < last_stage["epochs"]
     if recorders:
         result["per_user"] = {"users": recorders[0].users,
                               "metrics": {key: [round(v, 6) for v in value.tolist()]
