@@ -321,7 +321,7 @@ def test_clean_atomic_files_pass(tmp_path):
 # Converters (dataset_conversion/*.py): exit 2, one paragraph, nothing written or removed
 # ----------------------------------------------------------------------------------------------
 class HashingTextEncoder:
-    label, backend = "test-hash", "test"
+    label, backend, precision = "test-hash", "test", "float32"
 
     def encode(self, texts, batch_size, show_progress):
         return np.array([[len(text), 1.0] for text in texts], dtype=np.float32)

@@ -559,14 +559,14 @@ def test_download_killed_mid_write_leaves_no_partial_image(tmp_path):
 class HashingTextEncoder:
     """Deterministic stand-in for a text model (the real ones need the encode extra)."""
 
-    label, backend = "test-hash", "test"
+    label, backend, precision = "test-hash", "test", "float32"
 
     def encode(self, texts, batch_size, show_progress):
         return np.array([[len(t), sum(map(ord, t)) % 97, 1.0] for t in texts], dtype=np.float32)
 
 
 class MeanColourImageEncoder:
-    label, backend = "test-mean-colour", "test"
+    label, backend, precision = "test-mean-colour", "test", "float32"
 
     def encode(self, images):
         return np.array([np.asarray(image, dtype=np.float32).mean((0, 1)) + 1 for image in images])

