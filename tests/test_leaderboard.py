@@ -70,9 +70,9 @@ def test_spec_errors_name_the_problem(tmp_path):
     assert trial_points({}) == [{}]
 
 
-@pytest.mark.parametrize("spec_name", ["Office", "Scientific-candidates"])
+@pytest.mark.parametrize("spec_name", ["Office", "Scientific-candidates", "lastfm-llara"])
 def test_reusing_specs_train_the_points_scientific_tuning_chose(spec_name):
-    """Office and the candidate protocol say they reuse Scientific's tuning: each point must be the best
+    """Office and the candidate protocols say they reuse Scientific's tuning: each point must be the best
     validation trial in Scientific's committed tuning.csv (read here independently of the runner); a
     model Scientific did not tune runs its defaults (an empty space)."""
     spec = load_spec(ROOT / "benchmarks" / "leaderboard" / f"{spec_name}.yaml")
